@@ -1,0 +1,128 @@
+"""Clocks: the real one, and a fake one that tests move by hand.
+
+Every delay in Stagehand (scheduled jobs, retry backoff, snoozes, job
+timeouts and cron ticks) is measured on an instance's clock, so a test that
+injects a `FakeClock` makes all of them due at once with `advance()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["Clock", "FakeClock", "SystemClock"]
+
+
+class Clock:
+    """Source of time for one instance.
+
+    `monotonic()` measures delays in seconds. `now()` returns the aware UTC
+    wall-clock time, used for timestamps and cron. `wait()` blocks on a
+    condition whose lock the caller holds, until notified or until
+    `timeout` seconds of this clock have passed.
+    """
+
+    def monotonic(self) -> float:
+        raise NotImplementedError
+
+    def now(self) -> datetime:
+        raise NotImplementedError
+
+    def wait(self, condition: threading.Condition, timeout: float | None) -> None:
+        raise NotImplementedError
+
+
+class SystemClock(Clock):
+    """The real clock: `time.monotonic()` and `datetime.now(UTC)`."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def wait(self, condition: threading.Condition, timeout: float | None) -> None:
+        if timeout is None:
+            condition.wait()
+        else:
+            # Far-future due times (months ahead) exceed what a lock wait
+            # accepts, so the wait is clamped and the caller loops.
+            condition.wait(min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+class FakeClock(Clock):
+    """A clock that stands still until a test calls `advance()`.
+
+    Threads that wait on it sleep until `advance()` or `set()` moves the time
+    past their deadline, so scheduled jobs, retries, snoozes, timeouts and
+    cron ticks become due deterministically, without real waiting.
+
+    Args:
+        start: The initial wall-clock time, an aware datetime. Defaults to
+            2026-01-01 00:00 UTC so that tests see the same dates every run.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        if start is None:
+            start = datetime(2026, 1, 1, tzinfo=UTC)
+        if start.tzinfo is None or start.utcoffset() is None:
+            raise ValueError(
+                f"FakeClock start must be an aware datetime; got {start!r}. "
+                "Pass for example datetime(2026, 1, 1, tzinfo=UTC)."
+            )
+        self._lock = threading.Lock()
+        self._start = start.astimezone(UTC)
+        self._elapsed = 0.0
+        self._waiting: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
+
+    def monotonic(self) -> float:
+        return self._elapsed
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self._elapsed)
+
+    def wait(self, condition: threading.Condition, timeout: float | None) -> None:
+        # The caller holds the condition's lock, and advance() takes that lock
+        # to notify, so an advance between the caller's deadline check and
+        # this wait cannot be missed.
+        with self._lock:
+            self._waiting.add(condition)
+        condition.wait()
+
+    def advance(self, seconds: float) -> datetime:
+        """Move time forward by `seconds` and wake every waiting thread.
+
+        Returns:
+            The new wall-clock time.
+        """
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+            raise TypeError(f"seconds must be a number; got {seconds!r}")
+        if seconds < 0:
+            raise ValueError(f"a clock cannot go back; got seconds={seconds!r}")
+        with self._lock:
+            self._elapsed += float(seconds)
+            waiting = list(self._waiting)
+        for condition in waiting:
+            with condition:
+                condition.notify_all()
+        return self.now()
+
+    def set(self, when: datetime) -> datetime:
+        """Move time forward to the aware datetime `when`."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError(f"when must be an aware datetime; got {when!r}")
+        delta = (when - self.now()).total_seconds()
+        if delta < 0:
+            raise ValueError(
+                f"a clock cannot go back; {when.isoformat()} is before "
+                f"{self.now().isoformat()}"
+            )
+        return self.advance(delta)
+
+    def __repr__(self) -> str:
+        return f"FakeClock(now={self.now().isoformat()})"

@@ -1,0 +1,272 @@
+"""Running one attempt of a job and recording its outcome.
+
+An attempt moves through four steps: begin (attempt number, times, the
+claim), run (`perform`, under an optional timeout), claim (the worker thread
+and the timeout race to finish the attempt, and exactly one wins), and
+record (completed, retried, snoozed, discarded or cancelled).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+import time
+import traceback
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from stagehand import events
+from stagehand._job import Cancel, Error, Job, JobState, Snooze
+from stagehand._worker import Worker, default_backoff
+from stagehand.exceptions import JobTimeout
+
+if TYPE_CHECKING:
+    from stagehand._instance import Stagehand
+    from stagehand._queue import Queue
+
+__all__ = ["Executor"]
+
+logger = logging.getLogger(__name__)
+
+_LOST = object()
+
+# PyThreadState_SetAsyncExc raises an exception in another thread at its next
+# Python bytecode. It cannot interrupt a blocking C call (time.sleep, socket
+# reads, C extensions), which sees the exception only once it returns.
+_raise_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+def _try_claim(claim: list[int]) -> bool:
+    # list.pop() is one C call under the GIL, so of the worker thread and the
+    # timeout, exactly one gets the item.
+    try:
+        claim.pop()
+    except IndexError:
+        return False
+    return True
+
+
+class Executor:
+    """Runs attempts for one instance, in worker threads or inline."""
+
+    def __init__(self, instance: Stagehand):
+        self._instance = instance
+        self._clock = instance.clock
+
+    # Running
+
+    def run(self, job: Job, queue: Queue | None) -> bool:
+        """Run one attempt of `job`.
+
+        Returns:
+            True when the job's timeout finished the attempt first; the
+            calling thread must then exit, since a replacement runs.
+        """
+        worker = self._begin(job)
+        claim = job._claim
+        started = time.perf_counter()
+        try:
+            if worker._stagehand_has_timeout:
+                self._arm_timeout(job, worker, queue, claim)
+            try:
+                value: Any = worker.perform(job)
+            except JobTimeout:
+                value = _LOST
+            except BaseException as error:  # noqa: BLE001 - every failure is recorded
+                value = error
+            won = value is not _LOST and _try_claim(claim)
+        except JobTimeout:
+            won = False
+        if not won:
+            try:
+                _clear_in_thread(threading.get_ident(), None)
+            except JobTimeout:
+                pass
+            return True
+        self.record(job, worker, value, time.perf_counter() - started)
+        return False
+
+    def _begin(self, job: Job) -> Worker:
+        job.attempt += 1
+        job.attempted_at = self._clock.now()
+        job._claim = [job.attempt]
+        job._thread_id = threading.get_ident()
+        if events.has_handlers("job.start"):
+            events.emit(
+                "job.start",
+                {"system_time": time.time()},
+                {"job": job, "instance": self._instance.name},
+            )
+        worker_class = job._worker_class
+        return worker_class()  # type: ignore[no-any-return]
+
+    def _arm_timeout(self, job: Job, worker: Worker, queue: Queue | None, claim: list[int]) -> None:
+        try:
+            seconds = worker.timeout(job)
+        except Exception:
+            logger.exception("timeout() of job %s failed; running without a timeout", job.id)
+            return
+        if seconds is None:
+            return
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            logger.error(
+                "timeout() of job %s returned %r, not seconds > 0 or None; "
+                "running without a timeout",
+                job.id,
+                seconds,
+            )
+            return
+        scheduler = self._instance._scheduler
+        if scheduler is None:
+            # NOTE: inline runs have no scheduler thread, so no timeout applies.
+            return
+        thread_id = threading.get_ident()
+        due = self._clock.monotonic() + seconds
+
+        def expire() -> None:
+            if not _try_claim(claim):
+                return
+            if queue is not None:
+                queue.release_stuck_slot()
+            logger.warning(
+                "job %s (%s) timed out after %s s on attempt %d; its thread is "
+                "interrupted at its next Python bytecode",
+                job.id,
+                job.worker,
+                seconds,
+                job.attempt,
+            )
+            message = f"JobTimeout: attempt {job.attempt} ran longer than {seconds} s"
+            self._fail(job, worker, "timeout", message, None, float(seconds))
+            _raise_in_thread(thread_id, JobTimeout)
+
+        scheduler.call_at(due, expire)
+
+    # Recording
+
+    def record(self, job: Job, worker: Worker, value: Any, duration: float) -> None:
+        """Apply the outcome `value` of an attempt to `job`."""
+        if isinstance(value, BaseException):
+            text = "".join(traceback.format_exception(value))
+            self._fail(job, worker, "exception", text, value, duration)
+        elif isinstance(value, Error):
+            self._fail(job, worker, "error", _reason_text(value.reason), None, duration)
+        elif isinstance(value, Snooze):
+            self._snooze(job, value.seconds, duration)
+        elif isinstance(value, Cancel):
+            self._cancel(job, value.reason, duration)
+        else:
+            job.result = value
+            job.completed_at = self._clock.now()
+            job.state = JobState.COMPLETED
+            self._instance._finish(job)
+            self._emit_stop(job, duration)
+
+    def _fail(
+        self,
+        job: Job,
+        worker: Worker,
+        kind: str,
+        text: str,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        now = self._clock.now()
+        job.errors.append({"attempt": job.attempt, "at": now.isoformat(), "error": text})
+        if job.cancel_requested:
+            job.state = JobState.CANCELLED
+            job.completed_at = now
+            logger.info("job %s failed after its cancellation was requested", job.id)
+            self._instance._finish(job)
+        elif job.attempt < job.max_attempts:
+            delay = self._backoff(job, worker)
+            job.state = JobState.RETRYABLE
+            job.scheduled_at = now + timedelta(seconds=delay)
+            logger.info(
+                "job %s (%s) failed attempt %d of %d, retrying in %.1f s",
+                job.id, job.worker, job.attempt, job.max_attempts, delay,
+            )
+            self._instance._hold(job, delay)
+        else:
+            job.state = JobState.DISCARDED
+            job.completed_at = now
+            logger.warning(
+                "job %s (%s) discarded after %d attempts",
+                job.id, job.worker, job.attempt,
+            )
+            self._instance._finish(job)
+        if error is not None:
+            logger.error(
+                "job %s (%s) raised on attempt %d", job.id, job.worker, job.attempt,
+                exc_info=error,
+            )
+        if events.has_handlers("job.exception"):
+            events.emit(
+                "job.exception",
+                {"duration": duration},
+                {
+                    "job": job,
+                    "instance": self._instance.name,
+                    "state": job.state,
+                    "kind": kind,
+                    "error": error if error is not None else text,
+                },
+            )
+        self._emit_stop(job, duration)
+
+    def _snooze(self, job: Job, seconds: float, duration: float) -> None:
+        # A snooze does not use up an attempt: the attempt still counts, and
+        # max_attempts grows by one to make up for it.
+        job.max_attempts += 1
+        job.state = JobState.SCHEDULED
+        job.scheduled_at = self._clock.now() + timedelta(seconds=seconds)
+        logger.debug("job %s snoozed for %s s", job.id, seconds)
+        self._instance._hold(job, seconds)
+        self._emit_stop(job, duration)
+
+    def _cancel(self, job: Job, reason: Any, duration: float) -> None:
+        now = self._clock.now()
+        job.errors.append(
+            {"attempt": job.attempt, "at": now.isoformat(), "error": f"cancelled: {_reason_text(reason)}"}
+        )
+        job.state = JobState.CANCELLED
+        job.completed_at = now
+        logger.info("job %s (%s) cancelled by its worker", job.id, job.worker)
+        self._instance._finish(job)
+        self._emit_stop(job, duration)
+
+    def _backoff(self, job: Job, worker: Worker) -> float:
+        try:
+            delay = worker.backoff(job)
+        except Exception:
+            logger.exception("backoff() of job %s failed; using the default", job.id)
+            return default_backoff(job.attempt)
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (
+            math.isfinite(delay) and delay >= 0
+        ):
+            logger.error(
+                "backoff() of job %s returned %r, not seconds >= 0; using the default",
+                job.id,
+                delay,
+            )
+            return default_backoff(job.attempt)
+        return float(delay)
+
+    def _emit_stop(self, job: Job, duration: float) -> None:
+        if events.has_handlers("job.stop"):
+            events.emit(
+                "job.stop",
+                {"duration": duration},
+                {"job": job, "instance": self._instance.name, "state": job.state},
+            )
+
+
+def _reason_text(reason: Any) -> str:
+    return reason if isinstance(reason, str) else repr(reason)

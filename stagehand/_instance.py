@@ -1,0 +1,636 @@
+"""The `Stagehand` instance: queues, scheduler, plugins and their lifecycle."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from cachetools import TTLCache
+
+from stagehand import _registry, events
+from stagehand._config import build_settings, check_limit
+from stagehand._config import DEFAULT_GRACE_PERIOD, DEFAULT_RETENTION_LIMIT
+from stagehand._config import DEFAULT_RETENTION_PERIOD, DEFAULT_UNIQUE_LIMIT
+from stagehand._clock import Clock
+from stagehand._execute import Executor
+from stagehand._job import Job, JobState, new_job_id
+from stagehand._leadership import Leadership, SoloLeadership
+from stagehand._queue import Queue
+from stagehand._scheduler import Scheduler
+from stagehand._unique import UniqueTable
+from stagehand._worker import resolve_worker, worker_path
+from stagehand.exceptions import (
+    InvalidOption,
+    JobNotFound,
+    NotRunning,
+    QueueNotConfigured,
+    ShuttingDown,
+    StagehandError,
+)
+from stagehand.plugins import Plugin
+
+__all__ = ["Stagehand"]
+
+logger = logging.getLogger(__name__)
+
+_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+_WAITING = (JobState.SCHEDULED, JobState.RETRYABLE)
+
+
+class Stagehand:
+    """An instance: named queues of worker threads, a scheduler and plugins.
+
+    Args:
+        queues: Queue name to number of worker threads, or to a dict with
+            "limit" and optionally "paused". Defaults to ``{"default": 10}``.
+        plugins: ``(PluginClass, options)`` pairs, or classes; classes may be
+            given by dotted path.
+        testing: "disabled" runs jobs in worker threads. "manual" records
+            inserted jobs without running them. "inline" runs each job in
+            the inserting thread and returns it finished.
+        shutdown_grace_period: Seconds `stop()` waits for executing jobs.
+            Defaults to 15.
+        cluster: Reserved for clustering; must be None in this version.
+        name: Registry name. The running instance named "default" serves
+            `Job.insert()` and the module-level functions.
+        clock: Time source; `stagehand.testing.FakeClock` in tests.
+        retention_period: Seconds a finished job stays visible to `get_job`
+            and `jobs`. Defaults to 300.
+        retention_limit: Finished jobs kept at most (the oldest go first).
+            Defaults to 10,000.
+        unique_limit: Unique fingerprints remembered at most. Defaults to
+            100,000.
+
+    Raises:
+        InvalidOption: A setting is invalid.
+    """
+
+    def __init__(
+        self,
+        *,
+        queues: Mapping[str, Any] | None = None,
+        plugins: Iterable[Any] | None = None,
+        testing: str = "disabled",
+        shutdown_grace_period: float = DEFAULT_GRACE_PERIOD,
+        cluster: Mapping[str, Any] | None = None,
+        name: str = _registry.DEFAULT_NAME,
+        clock: Clock | None = None,
+        retention_period: float = DEFAULT_RETENTION_PERIOD,
+        retention_limit: int = DEFAULT_RETENTION_LIMIT,
+        unique_limit: int = DEFAULT_UNIQUE_LIMIT,
+    ) -> None:
+        self.settings = build_settings(
+            queues=queues,
+            plugins=plugins,
+            testing=testing,
+            shutdown_grace_period=shutdown_grace_period,
+            cluster=cluster,
+            name=name,
+            clock=clock,
+            retention_period=retention_period,
+            retention_limit=retention_limit,
+            unique_limit=unique_limit,
+        )
+        self.name = self.settings.name
+        self.testing = self.settings.testing
+        self.clock = self.settings.clock
+        self.leadership: Leadership = SoloLeadership()
+        self._lifecycle = threading.Lock()
+        self._state = _NEW
+        self._stopped = threading.Event()
+        self._executor = Executor(self)
+        self._queues = {
+            queue.name: Queue(queue.name, queue.limit, self._executor.run, paused=queue.paused)
+            for queue in self.settings.queues
+        }
+        self._scheduler: Scheduler | None = None
+        self._live: dict[str, Job] = {}
+        self._retained_lock = threading.Lock()
+        self._retained: TTLCache[str, Job] = TTLCache(
+            maxsize=max(self.settings.retention_limit, 1),
+            ttl=self.settings.retention_period,
+            timer=self.clock.monotonic,
+        )
+        self._unique = UniqueTable(self.clock.monotonic, self.settings.unique_limit)
+        self._recorded_lock = threading.Lock()
+        self._recorded: list[Job] = []
+        self._plugins: list[Plugin] = [
+            plugin(self, options) for plugin, options in self.settings.plugins
+        ]
+
+    def __repr__(self) -> str:
+        return f"<Stagehand {self.name!r} {self._state} testing={self.testing!r}>"
+
+    def __enter__(self) -> Stagehand:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and the beginning of `stop()`."""
+        return self._state == _RUNNING
+
+    @property
+    def queues(self) -> list[str]:
+        """The configured queue names."""
+        return list(self._queues)
+
+    # Lifecycle
+
+    def start(self) -> Stagehand:
+        """Start the queues, the scheduler and the plugins; return self.
+
+        With ``testing="manual"`` or ``"inline"`` no thread starts and no
+        plugin runs. Calling `start()` on a running instance does nothing.
+
+        Raises:
+            StagehandError: The instance was stopped; build a new one.
+            InvalidOption: Another running instance has the same name.
+        """
+        with self._lifecycle:
+            if self._state == _RUNNING:
+                return self
+            if self._state != _NEW:
+                raise StagehandError(
+                    f"instance {self.name!r} was stopped and cannot start again; "
+                    "build a new Stagehand(...)"
+                )
+            _registry.register(self)
+            if self.testing == "disabled":
+                self._scheduler = Scheduler(self.clock, self._promote, self.name)
+                self._scheduler.start()
+                for queue in self._queues.values():
+                    queue.start()
+            self._state = _RUNNING
+            atexit.register(self.stop)
+        if self.testing == "disabled":
+            for plugin in self._plugins:
+                plugin.start()
+        logger.info(
+            "stagehand instance %r started (testing=%s, queues %s)",
+            self.name,
+            self.testing,
+            ", ".join(f"{queue.name}={queue.limit}" for queue in self._queues.values()),
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop gracefully and return when done; calling it again does nothing.
+
+        New inserts are rejected at once. Executing jobs get
+        `shutdown_grace_period` seconds (real time) to finish; jobs still
+        running then are abandoned, never started again, and logged by id.
+        Jobs still queued or scheduled are lost, and their count is logged.
+        """
+        with self._lifecycle:
+            if self._state == _NEW:
+                self._state = _STOPPED
+                self._stopped.set()
+                return
+            if self._state != _RUNNING:
+                stopping_elsewhere = True
+            else:
+                stopping_elsewhere = False
+                self._state = _STOPPING
+        if stopping_elsewhere:
+            self._stopped.wait()
+            return
+        logger.info("stagehand instance %r stopping", self.name)
+        try:
+            self._stop_plugins()
+            self._close_queues()
+            self._abandon(self._wait_for_executing())
+            self._count_lost()
+            if self._scheduler is not None:
+                self._scheduler.stop()
+        finally:
+            _registry.unregister(self)
+            atexit.unregister(self.stop)
+            self._state = _STOPPED
+            self._stopped.set()
+        logger.info("stagehand instance %r stopped", self.name)
+
+    def _stop_plugins(self) -> None:
+        for plugin in reversed(self._plugins):
+            try:
+                plugin.stop()
+            except Exception:
+                logger.exception("plugin %r failed to stop", plugin)
+
+    def _close_queues(self) -> None:
+        for queue in self._queues.values():
+            queue.close()
+
+    def _wait_for_executing(self) -> list[Job]:
+        deadline = time.monotonic() + self.settings.shutdown_grace_period
+        for queue in self._queues.values():
+            queue.wait_idle(deadline, time.monotonic)
+        return [job for job in list(self._live.values()) if job.state is JobState.EXECUTING]
+
+    def _abandon(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            try:
+                job._claim.pop()
+            except IndexError:
+                continue
+            now = self.clock.now()
+            job.errors.append(
+                {
+                    "attempt": job.attempt,
+                    "at": now.isoformat(),
+                    "error": "abandoned: still executing when the shutdown grace "
+                    f"period of {self.settings.shutdown_grace_period:g} s ended",
+                }
+            )
+            job.state = JobState.DISCARDED
+            job.completed_at = now
+            self._finish(job)
+            logger.warning(
+                "job %s (%s) abandoned: still executing after the %g s grace period",
+                job.id,
+                job.worker,
+                self.settings.shutdown_grace_period,
+            )
+
+    def _count_lost(self) -> None:
+        queued = sum(queue.available for queue in self._queues.values())
+        waiting = self._scheduler.waiting if self._scheduler is not None else 0
+        if queued or waiting:
+            logger.warning(
+                "stagehand instance %r stopped with %d available and %d scheduled "
+                "or retryable jobs; they are lost (no peer to hand them to)",
+                self.name,
+                queued,
+                waiting,
+            )
+
+    # Inserting
+
+    def insert(self, job: Job) -> Job:
+        """Insert one job and return it with `id` and `state` set.
+
+        A unique job that duplicates a blocking job is not inserted; a copy
+        of the existing job with ``conflict=True`` is returned instead. With
+        ``testing="inline"`` the job runs before this returns.
+
+        Raises:
+            NotRunning, ShuttingDown: The instance is not accepting jobs.
+            QueueNotConfigured: The job's queue is not one of this instance's.
+            UnknownWorker: The job's worker cannot be found.
+        """
+        self._check_insert(job)
+        if job.unique is not None:
+            return self._unique.insert(job, self._enqueue)
+        return self._enqueue(job)
+
+    def insert_all(self, jobs: Iterable[Job]) -> list[Job]:
+        """Insert several jobs; if any is invalid, none is inserted.
+
+        Returns:
+            The inserted jobs (or conflict copies), in the given order.
+        """
+        batch = list(jobs)
+        seen: set[int] = set()
+        for index, job in enumerate(batch):
+            if id(job) in seen:
+                raise InvalidOption(
+                    f"jobs[{index}] appears twice in insert_all(); build one job "
+                    "per insert with Worker.new(...)"
+                )
+            seen.add(id(job))
+            self._check_insert(job)
+        if self.testing == "disabled" and not any(job.unique for job in batch):
+            return self._enqueue_batch(batch)
+        return [self.insert(job) for job in batch]
+
+    def _check_insert(self, job: Job) -> None:
+        if not isinstance(job, Job):
+            raise TypeError(
+                f"insert() takes a stagehand.Job, such as MyWorker.new(args); got {job!r}"
+            )
+        if self._state != _RUNNING:
+            if self._state in (_STOPPING, _STOPPED):
+                raise ShuttingDown(
+                    f"instance {self.name!r} is stopping or stopped and accepts no "
+                    f"new jobs; job for {job.worker} was not inserted"
+                )
+            raise NotRunning(
+                f"instance {self.name!r} is not started; call start() before "
+                "inserting jobs"
+            )
+        if job.id is not None:
+            raise InvalidOption(
+                f"job {job.id} was already inserted; build a new job with "
+                "Worker.new(...) for each insert"
+            )
+        if job.queue not in self._queues:
+            raise QueueNotConfigured(
+                f"queue {job.queue!r} is not configured on instance {self.name!r}; "
+                f"configured queues are {sorted(self._queues)}. Add it to "
+                "queues={...} or pass queue=... to Worker.new()."
+            )
+        if job._worker_class is None:
+            job._worker_class = resolve_worker(job.worker)
+
+    def _stamp(self, job: Job, now: Any) -> float:
+        # Returns the delay in seconds before the job is due.
+        job.id = new_job_id()
+        job.inserted_at = now
+        job._instance = self
+        if job.schedule_in is not None:
+            delay = job.schedule_in
+            job.scheduled_at = now + timedelta(seconds=delay)
+            return delay
+        if job.scheduled_at is not None:
+            return float((job.scheduled_at - now).total_seconds())
+        job.scheduled_at = now
+        return 0.0
+
+    def _enqueue(self, job: Job) -> Job:
+        delay = self._stamp(job, self.clock.now())
+        if self.testing != "disabled":
+            return self._enqueue_for_testing(job, delay)
+        self._live[job.id] = job  # type: ignore[index]
+        if delay > 0:
+            job.state = JobState.SCHEDULED
+            self._scheduler.add_job(job, self.clock.monotonic() + delay)  # type: ignore[union-attr]
+        else:
+            self._queues[job.queue].push(job)
+        return job
+
+    def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
+        now = self.clock.now()
+        monotonic = self.clock.monotonic()
+        by_queue: dict[str, list[Job]] = {}
+        scheduled: list[tuple[float, Job]] = []
+        live = self._live
+        for job in batch:
+            delay = self._stamp(job, now)
+            live[job.id] = job  # type: ignore[index]
+            if delay > 0:
+                job.state = JobState.SCHEDULED
+                scheduled.append((monotonic + delay, job))
+            else:
+                by_queue.setdefault(job.queue, []).append(job)
+        if scheduled:
+            self._scheduler.add_jobs(scheduled)  # type: ignore[union-attr]
+        for name, jobs in by_queue.items():
+            self._queues[name].push_many(jobs)
+        return batch
+
+    def _enqueue_for_testing(self, job: Job, delay: float) -> Job:
+        if self.testing == "inline":
+            # Inline runs ignore the schedule: the job runs now, in this thread.
+            job.state = JobState.EXECUTING
+            self._live[job.id] = job  # type: ignore[index]
+            self._executor.run(job, None)
+            return job
+        job.state = JobState.SCHEDULED if delay > 0 else JobState.AVAILABLE
+        self._live[job.id] = job  # type: ignore[index]
+        with self._recorded_lock:
+            self._recorded.append(job)
+        return job
+
+    # Engine callbacks
+
+    def _promote(self, queue: str, jobs: list[Job]) -> None:
+        self._queues[queue].push_many(jobs)
+
+    def _hold(self, job: Job, delay: float) -> None:
+        if self._scheduler is not None:
+            self._scheduler.add_job(job, self.clock.monotonic() + delay)
+
+    def _finish(self, job: Job) -> None:
+        self._live.pop(job.id, None)  # type: ignore[arg-type]
+        if self.settings.retention_limit:
+            with self._retained_lock:
+                self._retained[job.id] = job  # type: ignore[index]
+
+    # Inspection
+
+    def get_job(self, job_id: str) -> Job | None:
+        """Return the live or retained job with this id, or None."""
+        job = self._live.get(job_id)
+        if job is None:
+            with self._retained_lock:
+                job = self._retained.get(job_id)
+        return job
+
+    def jobs(
+        self,
+        state: JobState | str | Iterable[JobState | str] | None = None,
+        queue: str | None = None,
+        worker: type | str | None = None,
+    ) -> list[Job]:
+        """Return live and retained jobs, oldest insert first, filtered.
+
+        Args:
+            state: One state or several, as `JobState` or its string value.
+            queue: A queue name.
+            worker: A `Worker` subclass or its dotted path.
+        """
+        states = _check_states(state)
+        path = worker_path(worker) if isinstance(worker, type) else worker
+        with self._retained_lock:
+            self._retained.expire()
+            found = list(self._retained.values())
+        found.extend(self._live.values())
+        selected = [
+            job
+            for job in found
+            if (states is None or job.state in states)
+            and (queue is None or job.queue == queue)
+            and (path is None or job.worker == path)
+        ]
+        selected.sort(key=_insert_order)
+        return selected
+
+    def check_queue(self, queue: str) -> dict[str, Any]:
+        """Return the live state of one queue.
+
+        Returns:
+            A dict with queue, limit, paused, available, scheduled,
+            retryable, executing, stuck (threads still running a job past
+            its timeout), threads, and completed, discarded and cancelled
+            (among retained jobs).
+        """
+        stats = self._queue(queue).stats()
+        counts = {state: 0 for state in JobState}
+        for job in self.jobs(queue=queue):
+            counts[job.state] += 1
+        stats["scheduled"] = counts[JobState.SCHEDULED]
+        stats["retryable"] = counts[JobState.RETRYABLE]
+        if self.testing != "disabled":
+            stats["available"] = counts[JobState.AVAILABLE]
+            stats["executing"] = counts[JobState.EXECUTING]
+        for state in (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED):
+            stats[state.value] = counts[state]
+        return stats
+
+    # Control
+
+    def _queue(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise QueueNotConfigured(
+                f"queue {name!r} is not configured on instance {self.name!r}; "
+                f"configured queues are {sorted(self._queues)}"
+            )
+        return queue
+
+    def pause_queue(self, queue: str) -> None:
+        """Stop starting jobs from `queue`; executing jobs finish."""
+        self._queue(queue).pause()
+        logger.info("queue %r of instance %r paused", queue, self.name)
+        events.emit("queue.pause", {}, {"queue": queue, "instance": self.name})
+
+    def resume_queue(self, queue: str) -> None:
+        """Start running jobs from a paused `queue` again."""
+        self._queue(queue).resume()
+        logger.info("queue %r of instance %r resumed", queue, self.name)
+        events.emit("queue.resume", {}, {"queue": queue, "instance": self.name})
+
+    def scale_queue(self, queue: str, limit: int) -> None:
+        """Set the number of worker threads of `queue`, at runtime.
+
+        Scaling down lets busy threads finish their job before they exit.
+        """
+        target = self._queue(queue)
+        target.scale(check_limit(queue, limit))
+        logger.info("queue %r of instance %r scaled to %d", queue, self.name, limit)
+
+    def drain_queue(self, queue: str) -> list[Job]:
+        """Remove the available jobs of `queue` and return them, unrun."""
+        target = self._queue(queue)
+        if self.testing != "disabled":
+            with self._recorded_lock:
+                drained = [
+                    job
+                    for job in self._recorded
+                    if job.queue == queue and job.state is JobState.AVAILABLE
+                ]
+                self._recorded = [job for job in self._recorded if job not in drained]
+        else:
+            drained = target.drain()
+        for job in drained:
+            self._live.pop(job.id, None)  # type: ignore[arg-type]
+        return drained
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job that has not finished, and return it.
+
+        Available, scheduled and retryable jobs become cancelled at once. An
+        executing job gets ``cancel_requested = True``, which its worker may
+        check; if that attempt then fails, it is cancelled, not retried.
+
+        Raises:
+            JobNotFound: No live or retained job has this id.
+        """
+        job = self._require(job_id)
+        with self._locks_for(job):
+            state = job.state
+            if state is JobState.EXECUTING:
+                job.cancel_requested = True
+                return job
+            if state.is_final:
+                return job
+            if state in _WAITING and self._scheduler is not None:
+                self._scheduler.forget_job(job)
+            elif state is JobState.AVAILABLE and self.testing == "disabled":
+                self._queues[job.queue].remove(job)
+            job.state = JobState.CANCELLED
+            job.completed_at = self.clock.now()
+        self._finish(job)
+        logger.info("job %s (%s) cancelled", job.id, job.worker)
+        return job
+
+    def retry_job(self, job_id: str) -> Job:
+        """Make a scheduled, retryable or finished job available now.
+
+        A job that used all its attempts gets one more. Available and
+        executing jobs are returned unchanged.
+
+        Raises:
+            JobNotFound: No live or retained job has this id.
+        """
+        job = self._require(job_id)
+        with self._locks_for(job):
+            state = job.state
+            if state in (JobState.AVAILABLE, JobState.EXECUTING):
+                return job
+            if state in _WAITING and self._scheduler is not None:
+                if not self._scheduler.forget_job(job):
+                    return job
+            if job.attempt >= job.max_attempts:
+                job.max_attempts = job.attempt + 1
+            job.cancel_requested = False
+            job.completed_at = None
+            job.scheduled_at = self.clock.now()
+            self._live[job.id] = job  # type: ignore[index]
+            if self.testing == "disabled":
+                self._queues[job.queue].push_locked(job)
+            else:
+                job.state = JobState.AVAILABLE
+        with self._retained_lock:
+            self._retained.pop(job.id, None)
+        logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
+        return job
+
+    def _require(self, job_id: str) -> Job:
+        job = self.get_job(job_id)
+        if job is None:
+            raise JobNotFound(
+                f"no live or retained job has id {job_id!r}; finished jobs are "
+                f"kept for {self.settings.retention_period:g} s"
+            )
+        return job
+
+    def _locks_for(self, job: Job) -> _Locks:
+        locks: list[Any] = []
+        if self._scheduler is not None:
+            locks.append(self._scheduler.cond)
+        if self.testing == "disabled":
+            locks.append(self._queues[job.queue].cond)
+        else:
+            locks.append(self._recorded_lock)
+        return _Locks(locks)
+
+
+class _Locks:
+    """Holds several locks in the given order: scheduler first, then queue."""
+
+    def __init__(self, locks: list[Any]):
+        self._locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self._locks:
+            lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+
+
+def _check_states(
+    state: JobState | str | Iterable[JobState | str] | None,
+) -> frozenset[JobState] | None:
+    if state is None:
+        return None
+    values = [state] if isinstance(state, str) else list(state)
+    try:
+        return frozenset(JobState(value) for value in values)
+    except ValueError:
+        raise InvalidOption(
+            f"state must be one of {[s.value for s in JobState]}; got {state!r}"
+        ) from None
+
+
+def _insert_order(job: Job) -> Any:
+    return job.inserted_at

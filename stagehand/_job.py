@@ -1,0 +1,207 @@
+"""Jobs, their states, and the values `Worker.perform` may return."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import itertools
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from stagehand.exceptions import NotRunning
+
+if TYPE_CHECKING:
+    from stagehand._instance import Stagehand
+
+__all__ = ["Cancel", "Error", "Job", "JobState", "Snooze", "new_job_id"]
+
+
+@enum.unique
+class JobState(str, enum.Enum):
+    """Where a job is in its life.
+
+    `available`, `scheduled`, `executing` and `retryable` are live states;
+    `completed`, `discarded` and `cancelled` are final.
+    """
+
+    AVAILABLE = "available"
+    SCHEDULED = "scheduled"
+    EXECUTING = "executing"
+    RETRYABLE = "retryable"
+    COMPLETED = "completed"
+    DISCARDED = "discarded"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_final(self) -> bool:
+        """True for completed, discarded and cancelled."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Snooze:
+    """Return value of `perform`: run the job again after `seconds`.
+
+    A snooze does not use up an attempt: `max_attempts` grows by one.
+    """
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        _check_seconds("Snooze seconds", self.seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Return value of `perform`: stop the job, with no more attempts."""
+
+    reason: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Return value of `perform`: fail this attempt, as an exception would."""
+
+    reason: Any = None
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds; got {value!r}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+# Job ids: a random per-process prefix and a counter. The prefix makes ids
+# unique across the peers of a cluster; a forked child draws a new one.
+_id_prefix = secrets.token_hex(5)
+_id_counter = itertools.count(1)
+
+
+def _reset_ids_after_fork() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = secrets.token_hex(5)
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reset_ids_after_fork)
+
+
+def new_job_id() -> str:
+    """Return an id that is unique across processes, such as ``3f9a1c0b2e-1a``."""
+    return f"{_id_prefix}-{next(_id_counter):x}"
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One unit of work: a worker, its arguments and its bookkeeping.
+
+    Build jobs with `Worker.new(args, **options)` and insert them with
+    `job.insert()` or `Stagehand.insert(job)`. An inserted job is the live
+    record that the instance updates as the job runs, so read its fields but
+    do not assign them.
+
+    Times are aware UTC datetimes. `errors` holds one dict per failed
+    attempt, with the keys ``attempt``, ``at`` (ISO 8601) and ``error``
+    (the formatted traceback or the `Error` reason).
+    """
+
+    worker: str
+    args: dict[str, Any]
+    queue: str = "default"
+    meta: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    priority: int = 0
+    max_attempts: int = 20
+    attempt: int = 0
+    state: JobState = JobState.AVAILABLE
+    id: str | None = None
+    inserted_at: datetime | None = None
+    scheduled_at: datetime | None = None
+    attempted_at: datetime | None = None
+    completed_at: datetime | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    result: Any = None
+    unique: dict[str, Any] | None = None
+    conflict: bool = False
+    cancel_requested: bool = False
+    # Delay requested with schedule_in, resolved against the clock on insert.
+    schedule_in: float | None = field(default=None, repr=False)
+    # Bookkeeping that belongs to the instance running the job.
+    _worker_class: Any = field(default=None, repr=False)
+    _due: float = field(default=0.0, repr=False)
+    _schedule_seq: int = field(default=0, repr=False)
+    _claim: list[int] = field(default_factory=list, repr=False)
+    _thread_id: int | None = field(default=None, repr=False)
+    _instance: Any = field(default=None, repr=False)
+
+    def insert(self, instance: Stagehand | None = None) -> Job:
+        """Insert this job into `instance`, or into the default instance.
+
+        Returns:
+            The inserted job, with `id` and `state` set. If a unique job
+            already exists, a copy of that job with `conflict=True`.
+
+        Raises:
+            NotRunning: No instance was given and no default instance exists.
+        """
+        if instance is None:
+            from stagehand._registry import default_instance
+
+            instance = default_instance()
+            if instance is None:
+                raise NotRunning(
+                    "no default Stagehand instance exists; call "
+                    "stagehand.start(...) first, or pass the instance: "
+                    "job.insert(instance)"
+                )
+        return instance.insert(self)
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job is completed, discarded or cancelled."""
+        return self.state in _FINAL_STATES
+
+    def snapshot(self) -> Job:
+        """Return a detached copy whose fields no longer change."""
+        clone = copy.copy(self)
+        clone.args = copy.deepcopy(self.args)
+        clone.meta = copy.deepcopy(self.meta)
+        clone.errors = [dict(error) for error in self.errors]
+        clone._claim = []
+        return clone
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the job's public fields as JSON-serialisable values."""
+        return {
+            "id": self.id,
+            "worker": self.worker,
+            "queue": self.queue,
+            "args": self.args,
+            "meta": self.meta,
+            "tags": list(self.tags),
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "attempt": self.attempt,
+            "state": self.state.value,
+            "inserted_at": _isoformat(self.inserted_at),
+            "scheduled_at": _isoformat(self.scheduled_at),
+            "attempted_at": _isoformat(self.attempted_at),
+            "completed_at": _isoformat(self.completed_at),
+            "errors": self.errors,
+            "unique": self.unique,
+            "conflict": self.conflict,
+        }
+
+
+def _isoformat(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,237 @@
+"""Validation of job options, shared by `Worker` attributes and `Worker.new`.
+
+Each check raises at the call that received the bad value, naming the value
+and the fix, before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from stagehand._job import JobState
+from stagehand.exceptions import InvalidOption
+
+__all__ = [
+    "JOB_OPTIONS",
+    "check_max_attempts",
+    "check_priority",
+    "check_queue_name",
+    "check_scheduled_at",
+    "check_tags",
+    "normalize_json_dict",
+    "normalize_schedule_in",
+    "normalize_unique",
+]
+
+JOB_OPTIONS = frozenset(
+    {
+        "queue",
+        "max_attempts",
+        "priority",
+        "unique",
+        "schedule_in",
+        "scheduled_at",
+        "tags",
+        "meta",
+    }
+)
+
+_UNITS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
+_UNIQUE_KEYS = frozenset({"period", "fields", "keys", "states"})
+_UNIQUE_FIELDS = ("worker", "queue", "args", "meta")
+_DEFAULT_UNIQUE_FIELDS = ["worker", "queue", "args"]
+_DEFAULT_UNIQUE_STATES = ["available", "scheduled", "executing", "retryable"]
+_STATE_NAMES = [state.value for state in JobState]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_queue_name(value: object, name: str = "queue") -> str:
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise InvalidOption(
+            f"{name} must be a non-empty string without surrounding spaces; "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_priority(value: object, name: str = "priority") -> int:
+    if not _is_int(value) or not 0 <= value <= 9:  # type: ignore[operator]
+        raise InvalidOption(
+            f"{name} must be an int from 0 (runs first) to 9; got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def check_max_attempts(value: object, name: str = "max_attempts") -> int:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise InvalidOption(f"{name} must be an int >= 1; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_tags(value: object, name: str = "tags") -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidOption(
+            f"{name} must be a list or tuple of strings; got {value!r}. "
+            'Write tags=["billing"], not tags="billing".'
+        )
+    tags = tuple(value)
+    for tag in tags:
+        if not isinstance(tag, str) or not tag:
+            raise InvalidOption(
+                f"{name} must contain only non-empty strings; got {tag!r} in {value!r}"
+            )
+    return tags
+
+
+def normalize_schedule_in(value: object) -> float:
+    """Return `schedule_in` in seconds.
+
+    Accepts a number of seconds or an ``(amount, unit)`` pair with unit one
+    of "seconds", "minutes", "hours", "days".
+    """
+    amount: object = value
+    unit = "seconds"
+    if isinstance(value, timedelta):
+        amount = value.total_seconds()
+    elif isinstance(value, tuple):
+        if len(value) != 2 or not isinstance(value[1], str):
+            raise InvalidOption(
+                f"schedule_in must be seconds or (amount, unit); got {value!r}. "
+                'Write for example schedule_in=(5, "minutes").'
+            )
+        amount, unit = value
+        if unit not in _UNITS:
+            raise InvalidOption(
+                f"schedule_in unit must be one of {', '.join(_UNITS)}; "
+                f"got {unit!r} in {value!r}"
+            )
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise InvalidOption(
+            f"schedule_in must be a number of seconds or (amount, unit); got {value!r}"
+        )
+    if not math.isfinite(amount) or amount < 0:
+        raise InvalidOption(
+            f"schedule_in must be a finite number >= 0; got {value!r}. "
+            "To run a job now, leave schedule_in out."
+        )
+    return float(amount) * _UNITS[unit]
+
+
+def check_scheduled_at(value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidOption(
+            f"scheduled_at must be an aware datetime; got {value!r}"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidOption(
+            f"scheduled_at must be an aware datetime; got the naive {value!r}. "
+            "Add a time zone, for example value.replace(tzinfo=datetime.UTC)."
+        )
+    return value
+
+
+def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
+    """Return a copy of `value` as a worker will see it after JSON.
+
+    Raises:
+        InvalidOption: `value` is not a dict with string keys whose values
+            JSON can encode (no NaN, no sets, no objects).
+    """
+    if not isinstance(value, dict):
+        raise InvalidOption(
+            f"{name} must be a dict with string keys; got {type(value).__name__} "
+            f"{value!r}"
+        )
+    try:
+        decoded = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise InvalidOption(
+            f"{name} must be JSON-serialisable; {error}. Convert the value to "
+            f"str, int, float, bool, None, list or dict first: {value!r}"
+        ) from None
+    if decoded != value:
+        _check_string_keys(value, name)
+    return decoded  # type: ignore[no-any-return]
+
+
+def _check_string_keys(value: object, name: str) -> None:
+    # JSON turns int keys into strings without complaint; a worker would
+    # then read args["1"] where the caller wrote args[1], so reject them.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidOption(
+                    f"{name} must have string keys at every level; got the key "
+                    f"{key!r} ({type(key).__name__}). Use str({key!r}) instead."
+                )
+            _check_string_keys(item, name)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_string_keys(item, name)
+
+
+def normalize_unique(value: object) -> dict[str, Any] | None:
+    """Return the unique settings with defaults filled in, or None."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise InvalidOption(
+            f"unique must be None, False, True or a dict; got {value!r}"
+        )
+    unknown = set(value) - _UNIQUE_KEYS
+    if unknown:
+        raise InvalidOption(
+            f"unknown unique keys {sorted(unknown)}; valid keys are "
+            f"{sorted(_UNIQUE_KEYS)}"
+        )
+    period = value.get("period", 60)
+    if period is not None:
+        if isinstance(period, bool) or not isinstance(period, (int, float)):
+            raise InvalidOption(
+                f"unique period must be seconds > 0 or None; got {period!r}"
+            )
+        if not math.isfinite(period) or period <= 0:
+            raise InvalidOption(
+                f"unique period must be a finite number of seconds > 0, or None "
+                f"for no expiry; got {period!r}"
+            )
+        period = float(period)
+    fields = _check_choices("unique fields", value.get("fields"), _UNIQUE_FIELDS)
+    keys = value.get("keys")
+    if keys is not None:
+        keys = sorted(check_tags(keys, "unique keys"))
+    states = _check_choices("unique states", value.get("states"), _STATE_NAMES)
+    return {
+        "period": period,
+        "fields": fields or list(_DEFAULT_UNIQUE_FIELDS),
+        "keys": keys,
+        "states": states or list(_DEFAULT_UNIQUE_STATES),
+    }
+
+
+def _check_choices(
+    name: str, value: object, choices: Iterable[str]
+) -> list[str] | None:
+    if value is None:
+        return None
+    allowed = list(choices)
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidOption(f"{name} must be a list drawn from {allowed}; got {value!r}")
+    items = [str(item) if isinstance(item, JobState) else item for item in value]
+    if not items:
+        raise InvalidOption(f"{name} must not be empty; choose from {allowed}")
+    for item in items:
+        if item not in allowed:
+            raise InvalidOption(
+                f"{name} must be drawn from {allowed}; got {item!r}"
+            )
+    return sorted(set(items), key=allowed.index)

@@ -1,0 +1,169 @@
+"""The instance's scheduler: one thread that sleeps until the earliest due time.
+
+Scheduled jobs, retries after backoff, snoozed jobs and job timeouts all wait
+here. The thread waits on a condition until the head of its heap is due and
+is woken only when an earlier entry arrives, so an idle scheduler uses no
+CPU, whatever the distance to the next due time (months are fine).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from stagehand._clock import Clock
+from stagehand._job import Job, JobState
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+_WAITING = frozenset({JobState.SCHEDULED, JobState.RETRYABLE})
+
+# Entry kinds. A job entry's payload is the Job; a timer entry's payload is a
+# callable run in the scheduler thread when due.
+_JOB = 0
+_TIMER = 1
+
+Promote = Callable[[str, list[Job]], None]
+
+
+class Scheduler:
+    """A heap of ``(due, sequence, kind, payload)`` entries and one thread.
+
+    `due` is on the instance clock's monotonic scale, in seconds. An entry is
+    never removed from the middle of the heap: a job that is cancelled or
+    retried early changes state or sequence, and its entry is skipped.
+    """
+
+    def __init__(self, clock: Clock, promote: Promote, name: str = "default"):
+        self.cond = threading.Condition(threading.Lock())
+        self._clock = clock
+        self._promote = promote
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._sequence = itertools.count(1)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._name = name
+        self.waiting = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"stagehand-scheduler-{self._name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self._stopped = True
+            self.cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def add_job(self, job: Job, due: float) -> None:
+        """Hold `job` until the monotonic time `due`, then promote it."""
+        with self.cond:
+            self._push_locked(due, _JOB, job)
+            self.waiting += 1
+
+    def add_jobs(self, jobs: list[tuple[float, Job]]) -> None:
+        with self.cond:
+            for due, job in jobs:
+                self._push_locked(due, _JOB, job)
+            self.waiting += len(jobs)
+
+    def call_at(self, due: float, callback: Callable[[], None]) -> None:
+        """Run `callback` in the scheduler thread at the monotonic time `due`."""
+        with self.cond:
+            self._push_locked(due, _TIMER, callback)
+
+    def forget_job(self, job: Job) -> bool:
+        """Detach a waiting job from its entry; the caller holds `cond`.
+
+        Returns True when the job was waiting here.
+        """
+        if job._schedule_seq <= 0 or job.state not in _WAITING:
+            return False
+        job._schedule_seq = 0
+        self.waiting -= 1
+        return True
+
+    def _push_locked(self, due: float, kind: int, payload: Any) -> None:
+        sequence = next(self._sequence)
+        if kind == _JOB:
+            payload._schedule_seq = sequence
+            payload._due = due
+        entry = (due, sequence, kind, payload)
+        heapq.heappush(self._heap, entry)
+        if self._heap[0] is entry:
+            self.cond.notify()
+
+    def waiting_jobs(self) -> list[Job]:
+        """Return the jobs still waiting, earliest first."""
+        with self.cond:
+            entries = sorted(self._heap)
+        return [
+            payload
+            for _, sequence, kind, payload in entries
+            if kind == _JOB and payload._schedule_seq == sequence
+            and payload.state in _WAITING
+        ]
+
+    def _run(self) -> None:
+        try:
+            while True:
+                due_jobs, timers = self._wait_for_due()
+                if due_jobs is None:
+                    return
+                self._dispatch(due_jobs, timers)
+        except BaseException:
+            logger.critical("scheduler thread %r crashed", self._name, exc_info=True)
+            raise
+
+    def _wait_for_due(self) -> tuple[list[Job] | None, list[Callable[[], None]]]:
+        heap = self._heap
+        clock = self._clock
+        with self.cond:
+            while True:
+                if self._stopped:
+                    return None, []
+                if not heap:
+                    clock.wait(self.cond, None)
+                    continue
+                now = clock.monotonic()
+                if heap[0][0] > now:
+                    clock.wait(self.cond, heap[0][0] - now)
+                    continue
+                return self._pop_due(now)
+
+    def _pop_due(self, now: float) -> tuple[list[Job], list[Callable[[], None]]]:
+        heap = self._heap
+        jobs: list[Job] = []
+        timers: list[Callable[[], None]] = []
+        while heap and heap[0][0] <= now:
+            _, sequence, kind, payload = heapq.heappop(heap)
+            if kind == _TIMER:
+                timers.append(payload)
+            elif payload._schedule_seq == sequence and payload.state in _WAITING:
+                # -1 marks a job in transit to its queue: no longer here.
+                payload._schedule_seq = -1
+                self.waiting -= 1
+                jobs.append(payload)
+        return jobs, timers
+
+    def _dispatch(self, jobs: list[Job], timers: list[Callable[[], None]]) -> None:
+        by_queue: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            by_queue[job.queue].append(job)
+        for queue, queued in by_queue.items():
+            self._promote(queue, queued)
+        for timer in timers:
+            try:
+                timer()
+            except Exception:
+                logger.critical("scheduler timer %r failed", timer, exc_info=True)

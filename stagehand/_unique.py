@@ -1,0 +1,93 @@
+"""Fingerprints of unique jobs and the table that detects duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cachetools import TLRUCache
+
+from stagehand._job import Job
+
+__all__ = ["UniqueTable", "fingerprint"]
+
+
+def fingerprint(job: Job) -> str:
+    """Return the fingerprint of a unique job.
+
+    The fingerprint covers the fields named in ``job.unique["fields"]``,
+    restricted to ``job.unique["keys"]`` within args and meta when keys are
+    given. It is a SHA-256 of canonical JSON, so dict key order is ignored.
+    """
+    settings = job.unique
+    assert settings is not None
+    keys = settings["keys"]
+    parts: dict[str, Any] = {}
+    for name in settings["fields"]:
+        value = getattr(job, name)
+        if keys is not None and name in ("args", "meta"):
+            value = {key: value[key] for key in keys if key in value}
+        parts[name] = value
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class UniqueTable:
+    """Fingerprints of recent unique jobs, each expiring after its period.
+
+    Entries live in a `cachetools.TLRUCache` whose time-to-use is each job's
+    own `unique["period"]`, measured on the instance clock. When the table
+    is full, the least recently used entry is evicted.
+
+    Args:
+        timer: Monotonic time source, in seconds.
+        maxsize: Number of fingerprints kept at most.
+    """
+
+    def __init__(self, timer: Callable[[], float], maxsize: int):
+        self._lock = threading.Lock()
+        self._cache: TLRUCache[str, Job] = TLRUCache(
+            maxsize=maxsize, ttu=_time_to_use, timer=timer
+        )
+
+    def insert(self, job: Job, enqueue: Callable[[Job], Job]) -> Job:
+        """Insert `job` with `enqueue` unless a blocking duplicate exists.
+
+        The check and the insert run under one lock, so of many threads that
+        insert the same unique job at once, exactly one enqueues it.
+
+        Returns:
+            The inserted job, or a detached copy of the existing duplicate
+            with ``conflict=True``.
+        """
+        assert job.unique is not None
+        key = fingerprint(job)
+        states = job.unique["states"]
+        with self._lock:
+            existing = self._cache.get(key)
+            if existing is not None and existing.state.value in states:
+                duplicate = existing.snapshot()
+                duplicate.conflict = True
+                return duplicate
+            inserted = enqueue(job)
+            self._cache[key] = inserted
+            return inserted
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._cache.expire()
+            return len(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def _time_to_use(key: str, job: Job, now: float) -> float:
+    assert job.unique is not None
+    period = job.unique["period"]
+    return math.inf if period is None else now + period
