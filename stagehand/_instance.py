@@ -217,6 +217,13 @@ class Stagehand:
             self._stopped.set()
         logger.info("stagehand instance %r stopped", self.name)
 
+    def _forget_after_fork(self) -> None:
+        """Mark this copy of an instance stopped in a forked child process."""
+        self._lifecycle = threading.Lock()
+        self._state = _STOPPED
+        self._stopped.set()
+        atexit.unregister(self.stop)
+
     def _stop_plugins(self) -> None:
         for plugin in reversed(self._plugins):
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,19 @@ DEFAULT_NAME = "default"
 
 _lock = threading.Lock()
 _instances: dict[str, Stagehand] = {}
+
+
+def _forget_after_fork() -> None:
+    # Only the forking thread survives a fork, so the child's copies of
+    # running instances have no worker threads. They are marked stopped and
+    # forgotten; the child starts its own instance (forking servers such as
+    # gunicorn start one per worker).
+    for instance in list(_instances.values()):
+        instance._forget_after_fork()
+    _instances.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def register(instance: Stagehand) -> None:

@@ -1,0 +1,1 @@
+"""Pytest fixtures for code that uses Stagehand (registered as ``pytest11``)."""
