@@ -1,0 +1,66 @@
+"""Helpers shared by the engine's tests: waiting on job events, not sleeping."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import stagehand
+from stagehand import events
+
+HANG_GUARD = 30.0  # seconds; only reached when a test is broken
+
+_ids = itertools.count()
+
+
+class JobWatcher:
+    """Wakes waiters on every job event, so tests wait on conditions."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.started: list[str] = []
+        self.stopped: list[tuple[str, str]] = []
+        self.handler_id = f"test-watcher-{next(_ids)}"
+
+    def _on_event(self, event: str, measurements: Any, metadata: Any) -> None:
+        with self.cond:
+            job = metadata["job"]
+            if event == "job.start":
+                self.started.append(job.id)
+            else:
+                self.stopped.append((job.id, str(metadata["state"])))
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = HANG_GUARD) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError(f"condition not reached within {timeout} s")
+
+    def wait_final(self, *jobs: stagehand.Job, timeout: float = HANG_GUARD) -> None:
+        self.wait_for(lambda: all(job.is_final for job in jobs), timeout)
+
+    def wait_state(self, job: stagehand.Job, state: str, timeout: float = HANG_GUARD) -> None:
+        self.wait_for(lambda: job.state == state, timeout)
+
+
+@contextmanager
+def watching() -> Iterator[JobWatcher]:
+    watcher = JobWatcher()
+    events.attach(watcher.handler_id, ["job.start", "job.stop"], watcher._on_event)
+    try:
+        yield watcher
+    finally:
+        events.detach(watcher.handler_id)
+
+
+@contextmanager
+def running(**config: Any) -> Iterator[stagehand.Stagehand]:
+    config.setdefault("name", f"test-{next(_ids)}")
+    instance = stagehand.Stagehand(**config).start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
