@@ -1,0 +1,467 @@
+"""Cron expression parser and evaluator (Vixie cron semantics).
+
+Times are handled as UTC instants internally.  A cron entry matches *wall
+times* (local date, hour, minute) in its time zone; each matching wall time
+is mapped to real instants like this (see docs/cron.md):
+
+* a wall time that occurs once maps to that instant;
+* a wall time that occurs twice (fall-back overlap) maps to its first
+  occurrence for a *fixed* entry, and to both occurrences for a *wildcard*
+  entry (one with ``*`` in its minute or hour field);
+* a wall time that never occurs (spring-forward gap) maps to the first
+  instant after the gap for a fixed entry, and to nothing for a wildcard
+  entry.
+
+`CronExpression.matches` and `CronExpression.next_after` both work from that
+one mapping, so they always agree.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from stagehand.exceptions import InvalidCronExpression
+
+__all__ = [
+    "MAX_EXPRESSION_LENGTH",
+    "NICKNAMES",
+    "SEARCH_YEARS",
+    "CronExpression",
+    "parse",
+]
+
+#: Longest expression accepted; a real one is under 400 characters even with
+#: every value of every field listed one by one.
+MAX_EXPRESSION_LENGTH = 1000
+
+#: How far `next_after` looks.  The rarest date a valid expression can ask
+#: for is Feb 29 on one given weekday (AND rule), and consecutive ones can be
+#: 40 years apart because 2100, 2200 and 2300 are not leap years (for
+#: example Monday 2072-02-29, next Monday Feb 29 is 2112).  Every other
+#: (month, day, weekday) combination recurs within 12 years.
+SEARCH_YEARS = 41
+
+NICKNAMES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+_MONTHS = (
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "may",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "oct",
+    "nov",
+    "dec",
+)
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+# name, lowest, highest, names (value of the first name), largest step
+_FIELDS = (
+    ("minute", 0, 59, None, 60),
+    ("hour", 0, 23, None, 24),
+    ("day-of-month", 1, 31, None, 31),
+    ("month", 1, 12, _MONTHS, 12),
+    ("day-of-week", 0, 7, _DAYS, 7),
+)
+_ITEM = re.compile(
+    r"(\*|[0-9]+|[a-z]+)(?:-([0-9]+|[a-z]+))?(?:/([0-9]+))?", re.IGNORECASE | re.ASCII
+)
+_LONGEST_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_MINUTE = timedelta(minutes=1)
+_DAY = timedelta(days=1)
+
+
+def parse(expression: str, tz: str | tzinfo | None = None) -> CronExpression:
+    """Parse a five-field cron expression or nickname, evaluated in *tz*.
+
+    *tz* is a zoneinfo name (``"Europe/London"``), a `tzinfo`, or None for
+    UTC.  Raises `InvalidCronExpression` (a ValueError) for anything invalid.
+    """
+    return CronExpression(expression, tz)
+
+
+def _fail(expression: str, message: str) -> InvalidCronExpression:
+    return InvalidCronExpression(f"invalid cron expression {expression!r}: {message}")
+
+
+def _resolve_tz(tz: str | tzinfo | None, expression: str) -> tzinfo:
+    if tz is None:
+        return UTC
+    if isinstance(tz, tzinfo):
+        zone = getattr(tz, "zone", None)
+        if not (hasattr(tz, "localize") and isinstance(zone, str)):
+            return tz
+        tz = zone  # a pytz zone: its offsets are only right through localize()
+    if isinstance(tz, str):
+        try:
+            return ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise _fail(
+                expression,
+                f"unknown time zone {tz!r}; use an IANA name such as "
+                "'Europe/London' or 'America/New_York', or a tzinfo object",
+            ) from None
+    raise TypeError(
+        f"tz must be a zone name, a tzinfo or None, not {type(tz).__name__}"
+    )
+
+
+def _parse_field(text: str, index: int, expression: str) -> frozenset[int]:
+    field, lo, hi, names, max_step = _FIELDS[index]
+
+    def fail(message: str) -> InvalidCronExpression:
+        return _fail(expression, f"{field} field {text!r}: {message}")
+
+    def number(token: str, item: str, range_end: bool) -> int:
+        if token.isdigit():
+            value = int(token)
+        elif names is not None and token.lower() in names:
+            value = names.index(token.lower()) + lo
+            if range_end and field == "day-of-week" and value == 0:
+                value = 7  # 'fri-sun' means 5-7
+        else:
+            hint = f"use {'/'.join(names)} or numbers" if names else "use numbers"
+            raise fail(f"unknown name {token!r} in {item!r}; {hint} {lo}-{hi}")
+        if not lo <= value <= hi:
+            raise fail(f"value {token} in {item!r} is out of range; use {lo}-{hi}")
+        return value
+
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise fail("empty list item; remove the extra comma")
+        match = _ITEM.fullmatch(item)
+        if match is None or (match[1] == "*" and match[2] is not None):
+            raise fail(
+                f"cannot read {item!r}; write a value, a range a-b, *, "
+                "or add a step such as */5, a-b/5 or a/5"
+            )
+        start, end, step_text = match.groups()
+        if start == "*":
+            first, last = lo, hi
+        else:
+            first = number(start, item, range_end=False)
+            last = first
+            if end is not None:
+                last = number(end, item, range_end=True)
+                if first > last:
+                    raise fail(
+                        f"range {item!r} is reversed; ranges do not wrap around, "
+                        f"write {end}-{start} or a list such as {start}-{hi},{lo}-{end}"
+                    )
+            elif step_text is not None:
+                last = hi  # 'a/n' means a-hi/n
+        step = 1
+        if step_text is not None:
+            step = int(step_text)
+            if not 1 <= step <= max_step:
+                raise fail(
+                    f"step {step_text} in {item!r} is out of range; use 1-{max_step}"
+                )
+        values.update(range(first, last + 1, step))
+    if field == "day-of-week" and 7 in values:
+        values.discard(7)
+        values.add(0)  # Sunday is 0 or 7
+    return frozenset(values)
+
+
+class CronExpression:
+    """A parsed cron entry bound to a time zone.  Immutable and hashable.
+
+    Equal (and equally hashed) when the normalised expression and the time
+    zone are equal; zoneinfo zones compare by key, and UTC by any spelling
+    (None, `datetime.timezone.utc`, ``"UTC"``) compares equal.
+    """
+
+    __slots__ = (
+        "_and_days",
+        "_cache",
+        "_days",
+        "_dom",
+        "_dow",
+        "_fixed",
+        "_hours",
+        "_minutes",
+        "_months",
+        "_tz_key",
+        "expression",
+        "tz",
+    )
+
+    expression: str
+    tz: tzinfo
+
+    def __init__(self, expression: str, tz: str | tzinfo | None = None) -> None:
+        if not isinstance(expression, str):
+            raise TypeError(
+                f"a cron expression must be a str, not {type(expression).__name__}"
+            )
+        if len(expression) > MAX_EXPRESSION_LENGTH:
+            raise InvalidCronExpression(
+                f"invalid cron expression: {len(expression)} characters is longer "
+                f"than the {MAX_EXPRESSION_LENGTH} allowed; a cron expression has "
+                "five short fields such as '*/15 9-17 * * mon-fri'"
+            )
+        normalised = " ".join(expression.split())
+        if not normalised:
+            raise _fail(
+                expression,
+                "it is empty; write five fields such as '0 3 * * *' or @daily",
+            )
+        self.expression = normalised
+        self.tz = _resolve_tz(tz, normalised)
+        key = getattr(self.tz, "key", None)
+        self._tz_key: object = "UTC" if self.tz is UTC else (key or self.tz)
+
+        fields = normalised.split(" ")
+        if normalised.startswith("@"):
+            nickname = fields[0].lower()
+            if nickname == "@reboot":
+                raise _fail(
+                    normalised,
+                    "@reboot is not supported: Stagehand has no "
+                    "'at start-up' schedule; use a time such as @daily",
+                )
+            if nickname not in NICKNAMES:
+                raise _fail(
+                    normalised,
+                    f"unknown nickname {fields[0]!r}; use one of "
+                    + ", ".join(NICKNAMES),
+                )
+            if len(fields) > 1:
+                raise _fail(
+                    normalised,
+                    f"a nickname stands alone; remove {' '.join(fields[1:])!r}",
+                )
+            fields = NICKNAMES[nickname].split(" ")
+        if len(fields) != 5:
+            extra = ""
+            if len(fields) in (6, 7):
+                extra = (
+                    "; seconds (and years) are not supported: cron here has minute "
+                    "resolution, so drop the seconds or year field"
+                )
+            raise _fail(
+                normalised,
+                f"expected 5 fields (minute hour day-of-month month day-of-week), "
+                f"got {len(fields)}{extra}",
+            )
+
+        minutes, hours, dom, months, dow = (
+            _parse_field(text, i, normalised) for i, text in enumerate(fields)
+        )
+        self._minutes = tuple(sorted(minutes))
+        self._hours = tuple(sorted(hours))
+        self._months = frozenset(months)
+        self._dom = frozenset(dom)
+        self._dow = frozenset(dow)
+        # Vixie: a day field starting with '*' makes the day rule AND, else OR.
+        self._and_days = fields[2].startswith("*") or fields[4].startswith("*")
+        # 'Fixed' entries (no '*' in minute or hour) run once across DST changes.
+        self._fixed = "*" not in fields[0] and "*" not in fields[1]
+        self._cache: dict[date, tuple[datetime, ...]] = {}
+
+        # With the AND rule, a day-of-month that no listed month has never comes.
+        possible = any(d <= _LONGEST_MONTH[m - 1] for m in months for d in dom)
+        if self._and_days and not possible:
+            names = ",".join(_MONTHS[m - 1] for m in sorted(months))
+            raise _fail(
+                normalised,
+                f"day-of-month {fields[2]!r} never occurs in month {fields[3]!r} "
+                f"({names}); the longest of those months has "
+                f"{max(_LONGEST_MONTH[m - 1] for m in months)} days",
+            )
+
+    # -- public API -------------------------------------------------------
+
+    def matches(self, dt: datetime) -> bool:
+        """True if the entry fires at the minute containing *dt* (aware)."""
+        u = self._floor(dt, "matches")
+        day = u.astimezone(self.tz).date()
+        for earlier in (day - 2 * _DAY, day - _DAY):
+            # only a transition day can fire on a later date (after a gap)
+            if not self._plain(earlier) and u in self._instants(earlier):
+                return True
+        if not self._day_matches(day):
+            return False
+        if self._plain(day):
+            wall = u.astimezone(self.tz)
+            return wall.hour in self._hours and wall.minute in self._minutes
+        return u in self._instants(day)
+
+    def next_after(self, dt: datetime) -> datetime:
+        """The first firing instant strictly after *dt* (aware), in `tz`."""
+        u = self._floor(dt, "next_after")
+        try:
+            day = u.astimezone(self.tz).date() - 2 * _DAY
+            limit = min(
+                day.replace(day=1) + timedelta(days=366 * SEARCH_YEARS),
+                date.max - 3 * _DAY,
+            )
+            best: datetime | None = None
+            stop = limit
+            while (found := self._next_day(day, stop)) is not None:
+                candidate = self._first_after(found, u)
+                if candidate is not None and (best is None or candidate < best):
+                    best = candidate
+                if best is not None and stop == limit:
+                    # around a DST change a later date can still fire earlier
+                    stop = min(found + 2 * _DAY, limit)
+                day = found + _DAY
+        except OverflowError:
+            best = None
+        if best is None:
+            raise InvalidCronExpression(
+                f"cron expression {self.expression!r} does not fire within "
+                f"{SEARCH_YEARS} years after {dt.isoformat()} (or before year 9999)"
+            )
+        return best.astimezone(self.tz)
+
+    def __repr__(self) -> str:
+        tz = self._tz_key if isinstance(self._tz_key, str) else self.tz
+        return f"CronExpression({self.expression!r}, tz={tz!r})"
+
+    def __str__(self) -> str:
+        return self.expression
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CronExpression):
+            return NotImplemented
+        return (self.expression, self._tz_key) == (other.expression, other._tz_key)
+
+    def __hash__(self) -> int:
+        return hash((self.expression, self._tz_key))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CronExpression, (self.expression, self.tz))
+
+    # -- evaluation -------------------------------------------------------
+
+    @staticmethod
+    def _floor(dt: datetime, caller: str) -> datetime:
+        if not isinstance(dt, datetime):
+            raise TypeError(f"{caller}() needs a datetime, not {type(dt).__name__}")
+        if dt.utcoffset() is None:
+            raise ValueError(
+                f"{caller}() needs a timezone-aware datetime, got naive {dt!r}; "
+                "attach a zone, e.g. dt.replace(tzinfo=ZoneInfo('Europe/London'))"
+            )
+        u = dt.astimezone(UTC)
+        return u.replace(second=0, microsecond=0)
+
+    def _day_matches(self, day: date) -> bool:
+        if day.month not in self._months:
+            return False
+        in_dom = day.day in self._dom
+        in_dow = day.isoweekday() % 7 in self._dow
+        if self._and_days:
+            return in_dom and in_dow
+        return in_dom or in_dow
+
+    def _next_day(self, day: date, limit: date) -> date | None:
+        """The first date >= *day* and <= *limit* whose date fields match."""
+        while day <= limit:
+            if day.month not in self._months:
+                later = [m for m in sorted(self._months) if m > day.month]
+                if later:
+                    day = date(day.year, later[0], 1)
+                elif day.year < limit.year:
+                    day = date(day.year + 1, min(self._months), 1)
+                else:
+                    return None
+                continue
+            if self._day_matches(day):
+                return day
+            day += _DAY
+        return None
+
+    def _plain(self, day: date) -> bool:
+        """True if *day* has one UTC offset from midnight to midnight."""
+        start = datetime.combine(day, time(), tzinfo=self.tz)
+        end = datetime.combine(day + _DAY, time(), tzinfo=self.tz)
+        offset = start.utcoffset()
+        return (
+            offset
+            == start.replace(fold=1).utcoffset()
+            == end.utcoffset()
+            == end.replace(fold=1).utcoffset()
+        )
+
+    def _first_after(self, day: date, u: datetime) -> datetime | None:
+        """The first instant > *u* at which the wall times of *day* fire."""
+        if not self._plain(day):
+            return next((i for i in self._instants(day) if i > u), None)
+        start = datetime.combine(day, time(), tzinfo=self.tz)
+        hour, minute = self._hours[0], self._minutes[0]
+        if u >= start:
+            wall = u.astimezone(self.tz)
+            if wall.date() != day:
+                return None
+            hour = wall.hour
+            i = bisect_right(self._minutes, wall.minute)
+            if hour in self._hours and i < len(self._minutes):
+                minute = self._minutes[i]
+            else:
+                j = bisect_right(self._hours, hour)
+                if j == len(self._hours):
+                    return None
+                hour, minute = self._hours[j], self._minutes[0]
+        return datetime.combine(day, time(hour, minute), tzinfo=self.tz).astimezone(UTC)
+
+    def _instants(self, day: date) -> tuple[datetime, ...]:
+        """Sorted UTC instants at which the wall times of *day* fire.
+
+        Used for days with a UTC offset change; see the module docstring.
+        """
+        cached = self._cache.get(day)
+        if cached is not None:
+            return cached
+        found: set[datetime] = set()
+        if self._day_matches(day):
+            for hour in self._hours:
+                for minute in self._minutes:
+                    first = datetime.combine(day, time(hour, minute), tzinfo=self.tz)
+                    second = first.replace(fold=1)
+                    before, after = first.utcoffset(), second.utcoffset()
+                    if before == after:  # occurs once
+                        found.add(first.astimezone(UTC))
+                    elif before > after:  # type: ignore[operator]  # occurs twice
+                        found.add(first.astimezone(UTC))
+                        if not self._fixed:
+                            found.add(second.astimezone(UTC))
+                    elif self._fixed:  # skipped: run when the gap ends
+                        found.add(
+                            self._gap_end(second.astimezone(UTC), first.astimezone(UTC))
+                        )
+        result = tuple(sorted(found))
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[day] = result
+        return result
+
+    def _gap_end(self, lo: datetime, hi: datetime) -> datetime:
+        """The first minute with *hi*'s offset in (lo, hi]: where the gap ends."""
+        offset = hi.astimezone(self.tz).utcoffset()
+        while hi - lo > _MINUTE:
+            mid = lo + (hi - lo) // _MINUTE // 2 * _MINUTE
+            if mid.astimezone(self.tz).utcoffset() == offset:
+                hi = mid
+            else:
+                lo = mid
+        return hi
