@@ -259,6 +259,9 @@ class Stagehand:
             job.state = JobState.DISCARDED
             job.completed_at = now
             self._finish(job)
+            # The thread still runs the job; it counts as stuck until it
+            # returns and sees that it lost the job.
+            self._queues[job.queue].release_stuck_slot()
             logger.warning(
                 "job %s (%s) abandoned: still executing after the %g s grace period",
                 job.id,

@@ -64,4 +64,6 @@ class BlockingWorker(Worker):
         entered.set()
         if not release.wait(60):
             raise TimeoutError("the test never released the gate")
+        if job.args.get("fail"):
+            raise RuntimeError("failed after release")
         return "released"

@@ -1,0 +1,161 @@
+"""get_job, jobs(), retention, cancel_job, retry_job and insert_all."""
+
+from __future__ import annotations
+
+import pytest
+
+from stagehand import FakeClock, InvalidOption, JobNotFound, JobState
+from support import running, watching
+from workers import BlockingWorker, EchoWorker, FailingWorker
+
+
+def test_get_job_live_and_retained() -> None:
+    with running() as instance, watching() as watcher:
+        job = instance.insert(EchoWorker.new({"value": 3}))
+        watcher.wait_final(job)
+
+        assert instance.get_job(job.id) is job
+        assert instance.get_job("missing") is None
+
+
+def test_jobs_filters() -> None:
+    queues = {"default": {"limit": 1, "paused": True}, "mailers": 2}
+    with running(queues=queues) as instance, watching() as watcher:
+        done = instance.insert(EchoWorker.new({"value": 1}, queue="mailers"))
+        watcher.wait_final(done)
+        waiting = instance.insert(EchoWorker.new({"value": 2}))
+        failing = instance.insert(FailingWorker.new({}, queue="mailers"))
+        watcher.wait_state(failing, "retryable")
+
+        assert instance.jobs() == [done, waiting, failing]
+        assert instance.jobs(state="completed") == [done]
+        assert instance.jobs(state=[JobState.AVAILABLE, "retryable"]) == [waiting, failing]
+        assert instance.jobs(queue="mailers") == [done, failing]
+        assert instance.jobs(worker=FailingWorker) == [failing]
+        assert instance.jobs(worker="workers.EchoWorker", queue="default") == [waiting]
+        with pytest.raises(InvalidOption, match="state must be one of"):
+            instance.jobs(state="finished")
+
+
+def test_retention_expires_by_time() -> None:
+    clock = FakeClock()
+    with running(clock=clock, retention_period=60) as instance, watching() as watcher:
+        job = instance.insert(EchoWorker.new({}))
+        watcher.wait_final(job)
+        clock.advance(59)
+        assert instance.get_job(job.id) is job
+
+        clock.advance(1)
+        assert instance.get_job(job.id) is None
+        assert instance.jobs() == []
+
+
+def test_retention_keeps_newest_jobs() -> None:
+    with running(retention_limit=5, queues={"default": 1}) as instance, watching() as watcher:
+        jobs = [instance.insert(EchoWorker.new({"value": i})) for i in range(8)]
+        watcher.wait_final(*jobs)
+
+        assert [job.result for job in instance.jobs()] == [3, 4, 5, 6, 7]
+
+
+def test_cancel_job_each_state() -> None:
+    clock = FakeClock()
+    queues = {"default": {"limit": 1, "paused": True}, "busy": 1}
+    with running(clock=clock, queues=queues) as instance, watching() as watcher:
+        available = instance.insert(EchoWorker.new({}))
+        scheduled = instance.insert(EchoWorker.new({}, schedule_in=60))
+        entered, release = BlockingWorker.gate("cancel-executing")
+        executing = instance.insert(BlockingWorker.new({"gate": "cancel-executing"}, queue="busy"))
+        assert entered.wait(30)
+
+        assert instance.cancel_job(available.id).state is JobState.CANCELLED
+        assert instance.cancel_job(scheduled.id).state is JobState.CANCELLED
+        assert instance.cancel_job(executing.id).state is JobState.EXECUTING
+        assert executing.cancel_requested is True
+        assert instance.check_queue("default")["available"] == 0
+        assert instance.check_queue("default")["scheduled"] == 0
+
+        instance.resume_queue("default")
+        clock.advance(60)
+        release.set()
+        watcher.wait_final(executing)
+        sentinel = instance.insert(EchoWorker.new({}))
+        watcher.wait_final(sentinel)
+
+    assert available.state is JobState.CANCELLED
+    assert available.attempt == 0
+    assert scheduled.attempt == 0
+    assert executing.state is JobState.COMPLETED
+    with pytest.raises(JobNotFound, match="no live or retained job has id 'nope'"):
+        instance.cancel_job("nope")
+
+
+def test_cancel_requested_stops_retries() -> None:
+    with running(queues={"default": 1}) as instance, watching() as watcher:
+        entered, release = BlockingWorker.gate("cancel-then-fail")
+        job = instance.insert(BlockingWorker.new({"gate": "cancel-then-fail", "fail": True}))
+        assert entered.wait(30)
+        instance.cancel_job(job.id)
+        release.set()
+        watcher.wait_final(job)
+
+    assert job.state is JobState.CANCELLED
+    assert job.attempt == 1
+    assert "RuntimeError: failed after release" in job.errors[0]["error"]
+
+
+def test_retry_job_runs_discarded_job() -> None:
+    clock = FakeClock()
+    with running(clock=clock) as instance, watching() as watcher:
+        job = instance.insert(FailingWorker.new({}, max_attempts=1))
+        watcher.wait_final(job)
+        assert job.state is JobState.DISCARDED
+
+        instance.retry_job(job.id)
+        watcher.wait_for(lambda: job.attempt == 2 and job.is_final)
+
+    assert job.max_attempts == 2
+    assert job.state is JobState.DISCARDED
+    assert len(job.errors) == 2
+
+
+def test_retry_job_runs_retryable_now() -> None:
+    clock = FakeClock()
+    with running(clock=clock) as instance, watching() as watcher:
+        job = instance.insert(FailingWorker.new({}))
+        watcher.wait_state(job, "retryable")
+        instance.retry_job(job.id)
+        watcher.wait_for(lambda: job.attempt == 2 and job.state is JobState.RETRYABLE)
+        stats = instance.check_queue("default")
+
+    assert stats["retryable"] == 1
+
+
+def test_insert_all_is_atomic() -> None:
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        good = EchoWorker.new({})
+        bad = EchoWorker.new({}, queue="elsewhere")
+        with pytest.raises(InvalidOption, match="queue 'elsewhere' is not configured"):
+            instance.insert_all([good, bad])
+
+        assert good.id is None
+        assert instance.jobs() == []
+        assert instance.check_queue("default")["available"] == 0
+
+
+def test_insert_all_returns_jobs_in_order() -> None:
+    with running() as instance, watching() as watcher:
+        jobs = instance.insert_all(
+            [EchoWorker.new({"value": i}, schedule_in=0 if i % 2 else 0.01) for i in range(50)]
+        )
+        watcher.wait_final(*jobs)
+
+    assert [job.result for job in jobs] == list(range(50))
+    assert len({job.id for job in jobs}) == 50
+
+
+def test_insert_all_rejects_repeated_job() -> None:
+    with running() as instance:
+        job = EchoWorker.new({})
+        with pytest.raises(InvalidOption, match=r"jobs\[1\] appears twice"):
+            instance.insert_all([job, job])
