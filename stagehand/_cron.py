@@ -192,20 +192,16 @@ class CronExpression:
     __slots__ = (
         "_and_days",
         "_cache",
-        "_days",
         "_dom",
         "_dow",
+        "_expression",
         "_fixed",
         "_hours",
         "_minutes",
         "_months",
+        "_tz",
         "_tz_key",
-        "expression",
-        "tz",
     )
-
-    expression: str
-    tz: tzinfo
 
     def __init__(self, expression: str, tz: str | tzinfo | None = None) -> None:
         if not isinstance(expression, str):
@@ -224,10 +220,10 @@ class CronExpression:
                 expression,
                 "it is empty; write five fields such as '0 3 * * *' or @daily",
             )
-        self.expression = normalised
-        self.tz = _resolve_tz(tz, normalised)
-        key = getattr(self.tz, "key", None)
-        self._tz_key: object = "UTC" if self.tz is UTC else (key or self.tz)
+        self._expression = normalised
+        self._tz = _resolve_tz(tz, normalised)
+        key = getattr(self._tz, "key", None)
+        self._tz_key: object = "UTC" if self._tz is UTC else (key or self._tz)
 
         fields = normalised.split(" ")
         if normalised.startswith("@"):
@@ -268,7 +264,7 @@ class CronExpression:
         )
         self._minutes = tuple(sorted(minutes))
         self._hours = tuple(sorted(hours))
-        self._months = frozenset(months)
+        self._months = tuple(sorted(months))
         self._dom = frozenset(dom)
         self._dow = frozenset(dow)
         # Vixie: a day field starting with '*' makes the day rule AND, else OR.
@@ -290,6 +286,16 @@ class CronExpression:
 
     # -- public API -------------------------------------------------------
 
+    @property
+    def expression(self) -> str:
+        """The expression as given, with runs of whitespace made one space."""
+        return self._expression
+
+    @property
+    def tz(self) -> tzinfo:
+        """The time zone the fields are matched in."""
+        return self._tz
+
     def matches(self, dt: datetime) -> bool:
         """True if the entry fires at the minute containing *dt* (aware)."""
         u = self._floor(dt, "matches")
@@ -310,10 +316,8 @@ class CronExpression:
         u = self._floor(dt, "next_after")
         try:
             day = u.astimezone(self.tz).date() - 2 * _DAY
-            limit = min(
-                day.replace(day=1) + timedelta(days=366 * SEARCH_YEARS),
-                date.max - 3 * _DAY,
-            )
+            span = min(366 * SEARCH_YEARS, (date.max - day).days - 3)
+            limit = day + timedelta(days=span)
             best: datetime | None = None
             stop = limit
             while (found := self._next_day(day, stop)) is not None:
@@ -328,8 +332,8 @@ class CronExpression:
             best = None
         if best is None:
             raise InvalidCronExpression(
-                f"cron expression {self.expression!r} does not fire within "
-                f"{SEARCH_YEARS} years after {dt.isoformat()} (or before year 9999)"
+                f"cron expression {self.expression!r} does not fire in the "
+                f"{SEARCH_YEARS} years after {dt.isoformat()} (nor after year 9999)"
             )
         return best.astimezone(self.tz)
 
@@ -378,11 +382,11 @@ class CronExpression:
         """The first date >= *day* and <= *limit* whose date fields match."""
         while day <= limit:
             if day.month not in self._months:
-                later = [m for m in sorted(self._months) if m > day.month]
-                if later:
-                    day = date(day.year, later[0], 1)
+                i = bisect_right(self._months, day.month)
+                if i < len(self._months):
+                    day = date(day.year, self._months[i], 1)
                 elif day.year < limit.year:
-                    day = date(day.year + 1, min(self._months), 1)
+                    day = date(day.year + 1, self._months[0], 1)
                 else:
                     return None
                 continue

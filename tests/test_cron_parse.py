@@ -634,6 +634,21 @@ def test_attributes_repr_equality_hash_pickle() -> None:
     assert isinstance(cron, CronExpression)
 
 
+def test_attributes_are_read_only() -> None:
+    cron = parse("0 0 * * *")
+    with pytest.raises(AttributeError):
+        cron.expression = "1 1 * * *"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        cron.tz = NY  # type: ignore[misc]
+
+
+def test_nothing_left_before_the_end_of_the_calendar() -> None:
+    cron = parse("0 0 29 2 *")
+    assert cron.next_after(utc(9995, 1, 1)).isoformat() == "9996-02-29T00:00:00+00:00"
+    with pytest.raises(InvalidCronExpression, match="does not fire"):
+        cron.next_after(utc(9996, 3, 1))
+
+
 def test_default_time_zone_is_utc() -> None:
     cron = parse("0 0 * * *")
     assert cron.tz is UTC
