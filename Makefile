@@ -1,0 +1,35 @@
+# Development commands. `make demo` and `make test` work on a fresh clone:
+# they create the virtual environments they need on first use.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_313 := .venv-313
+TEST_DEPS := -e '.[test]' 'django>=5.2,<5.3' 'django-tasks>=0.8' gunicorn
+TEST_DEPS_313 := -e '.[test]' 'django>=6,<7' gunicorn
+
+.PHONY: demo test test-311 test-313 bench clean
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python demo/census.py
+
+test: test-311 test-313
+
+test-311: $(VENV)/.installed
+	@echo "== Python 3.11 + Django 5.2 =="
+	$(VENV)/bin/python -m pytest tests -q
+
+test-313:
+	@scripts/test-python313.sh $(VENV_313) $(TEST_DEPS_313)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(VENV)/bin/python -m bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TEST_DEPS)
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(VENV_313) .pytest_cache
