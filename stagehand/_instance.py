@@ -10,8 +10,6 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from cachetools import TTLCache
-
 from stagehand import _registry, events
 from stagehand._config import build_settings, check_limit
 from stagehand._config import DEFAULT_GRACE_PERIOD, DEFAULT_RETENTION_LIMIT
@@ -21,6 +19,7 @@ from stagehand._execute import Executor
 from stagehand._job import Job, JobState, new_job_id
 from stagehand._leadership import Leadership, SoloLeadership
 from stagehand._queue import Queue
+from stagehand._retention import Retention
 from stagehand._scheduler import Scheduler
 from stagehand._unique import UniqueTable
 from stagehand._worker import resolve_worker, worker_path
@@ -110,11 +109,10 @@ class Stagehand:
         }
         self._scheduler: Scheduler | None = None
         self._live: dict[str, Job] = {}
-        self._retained_lock = threading.Lock()
-        self._retained: TTLCache[str, Job] = TTLCache(
-            maxsize=max(self.settings.retention_limit, 1),
-            ttl=self.settings.retention_period,
-            timer=self.clock.monotonic,
+        self._retained = Retention(
+            self.settings.retention_period,
+            self.settings.retention_limit,
+            self.clock.monotonic,
         )
         self._unique = UniqueTable(self.clock.monotonic, self.settings.unique_limit)
         self._recorded_lock = threading.Lock()
@@ -419,9 +417,7 @@ class Stagehand:
 
     def _finish(self, job: Job) -> None:
         self._live.pop(job.id, None)  # type: ignore[arg-type]
-        if self.settings.retention_limit:
-            with self._retained_lock:
-                self._retained[job.id] = job  # type: ignore[index]
+        self._retained.add(job)
 
     # Inspection
 
@@ -429,8 +425,7 @@ class Stagehand:
         """Return the live or retained job with this id, or None."""
         job = self._live.get(job_id)
         if job is None:
-            with self._retained_lock:
-                job = self._retained.get(job_id)
+            job = self._retained.get(job_id)
         return job
 
     def jobs(
@@ -448,9 +443,7 @@ class Stagehand:
         """
         states = _check_states(state)
         path = worker_path(worker) if isinstance(worker, type) else worker
-        with self._retained_lock:
-            self._retained.expire()
-            found = list(self._retained.values())
+        found = self._retained.jobs()
         found.extend(self._live.values())
         selected = [
             job
@@ -588,8 +581,7 @@ class Stagehand:
                 self._queues[job.queue].push_locked(job)
             else:
                 job.state = JobState.AVAILABLE
-        with self._retained_lock:
-            self._retained.pop(job.id, None)
+        self._retained.pop(job.id)  # type: ignore[arg-type]
         logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
         return job
 

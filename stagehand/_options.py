@@ -46,6 +46,9 @@ _UNIQUE_FIELDS = ("worker", "queue", "args", "meta")
 _DEFAULT_UNIQUE_FIELDS = ["worker", "queue", "args"]
 _DEFAULT_UNIQUE_STATES = ["available", "scheduled", "executing", "retryable"]
 _STATE_NAMES = [state.value for state in JobState]
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_encoder = json.JSONEncoder(allow_nan=False)
+_decoder = json.JSONDecoder()
 
 
 def _is_int(value: object) -> bool:
@@ -144,13 +147,24 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
         InvalidOption: `value` is not a dict with string keys whose values
             JSON can encode (no NaN, no sets, no objects).
     """
-    if not isinstance(value, dict):
+    if type(value) is dict:
+        # Fast path: a flat dict of string keys and plain scalars is its own
+        # JSON round trip, so a shallow copy is enough.
+        for key, item in value.items():
+            item_type = type(item)
+            if type(key) is not str or item_type not in _JSON_SCALARS:
+                break
+            if item_type is float and not math.isfinite(item):
+                break
+        else:
+            return dict(value)
+    elif not isinstance(value, dict):
         raise InvalidOption(
             f"{name} must be a dict with string keys; got {type(value).__name__} "
             f"{value!r}"
         )
     try:
-        decoded = json.loads(json.dumps(value, allow_nan=False))
+        decoded = _decoder.decode(_encoder.encode(value))
     except (TypeError, ValueError) as error:
         raise InvalidOption(
             f"{name} must be JSON-serialisable; {error}. Convert the value to "
