@@ -94,7 +94,9 @@ def build_settings(
         cluster=cluster,
         name=name,
         clock=clock if clock is not None else SystemClock(),
-        retention_period=_check_seconds("retention_period", retention_period, allow_zero=True),
+        retention_period=_check_seconds(
+            "retention_period", retention_period, allow_zero=True
+        ),
         retention_limit=_check_count("retention_limit", retention_limit, minimum=0),
         unique_limit=_check_count("unique_limit", unique_limit, minimum=1),
     )
@@ -104,7 +106,9 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidOption(f"{name} must be a number of seconds; got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InvalidOption(f"{name} must be a finite number of seconds >= 0; got {value!r}")
+        raise InvalidOption(
+            f"{name} must be a finite number of seconds >= 0; got {value!r}"
+        )
     return float(value)
 
 
@@ -115,7 +119,11 @@ def _check_count(name: str, value: object, *, minimum: int) -> int:
 
 
 def check_limit(queue: str, limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_QUEUE_LIMIT:
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= MAX_QUEUE_LIMIT
+    ):
         raise InvalidOption(
             f"the limit of queue {queue!r} must be an int from 1 to "
             f"{MAX_QUEUE_LIMIT} (worker threads); got {limit!r}"
@@ -142,13 +150,19 @@ def _check_queues(queues: object) -> tuple[QueueSettings, ...]:
                 )
             paused = value.get("paused", False)
             if not isinstance(paused, bool):
-                raise InvalidOption(f"queue {name!r} paused must be True or False; got {paused!r}")
+                raise InvalidOption(
+                    f"queue {name!r} paused must be True or False; got {paused!r}"
+                )
             value = value["limit"]
-        checked.append(QueueSettings(name=name, limit=check_limit(name, value), paused=paused))
+        checked.append(
+            QueueSettings(name=name, limit=check_limit(name, value), paused=paused)
+        )
     return tuple(checked)
 
 
-def _check_plugins(plugins: object) -> tuple[tuple[type[Plugin], Mapping[str, Any]], ...]:
+def _check_plugins(
+    plugins: object,
+) -> tuple[tuple[type[Plugin], Mapping[str, Any]], ...]:
     if plugins is None:
         return ()
     if isinstance(plugins, (str, Mapping)) or not isinstance(plugins, (list, tuple)):

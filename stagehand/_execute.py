@@ -79,13 +79,15 @@ class Executor:
                 value: Any = worker.perform(job)
             except JobTimeout:
                 value = _LOST
-            except BaseException as error:  # noqa: BLE001 - every failure is recorded
+            except BaseException as error:
                 value = error
             won = value is not _LOST and _try_claim(claim)
         except JobTimeout:
             won = False
         if not won:
-            try:
+            # A plain try/except, not contextlib.suppress: the pending
+            # exception may land at any bytecode, including a helper's.
+            try:  # noqa: SIM105
                 _clear_in_thread(threading.get_ident(), None)
             except JobTimeout:
                 pass
@@ -107,15 +109,23 @@ class Executor:
         worker_class = job._worker_class
         return worker_class()  # type: ignore[no-any-return]
 
-    def _arm_timeout(self, job: Job, worker: Worker, queue: Queue | None, claim: list[int]) -> None:
+    def _arm_timeout(
+        self, job: Job, worker: Worker, queue: Queue | None, claim: list[int]
+    ) -> None:
         try:
             seconds = worker.timeout(job)
         except Exception:
-            logger.exception("timeout() of job %s failed; running without a timeout", job.id)
+            logger.exception(
+                "timeout() of job %s failed; running without a timeout", job.id
+            )
             return
         if seconds is None:
             return
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not seconds > 0
+        ):
             logger.error(
                 "timeout() of job %s returned %r, not seconds > 0 or None; "
                 "running without a timeout",
@@ -179,7 +189,9 @@ class Executor:
         duration: float,
     ) -> None:
         now = self._clock.now()
-        job.errors.append({"attempt": job.attempt, "at": now.isoformat(), "error": text})
+        job.errors.append(
+            {"attempt": job.attempt, "at": now.isoformat(), "error": text}
+        )
         if job.cancel_requested:
             job.state = JobState.CANCELLED
             job.completed_at = now
@@ -191,7 +203,11 @@ class Executor:
             job.scheduled_at = now + timedelta(seconds=delay)
             logger.info(
                 "job %s (%s) failed attempt %d of %d, retrying in %.1f s",
-                job.id, job.worker, job.attempt, job.max_attempts, delay,
+                job.id,
+                job.worker,
+                job.attempt,
+                job.max_attempts,
+                delay,
             )
             self._instance._hold(job, delay)
         else:
@@ -199,12 +215,17 @@ class Executor:
             job.completed_at = now
             logger.warning(
                 "job %s (%s) discarded after %d attempts",
-                job.id, job.worker, job.attempt,
+                job.id,
+                job.worker,
+                job.attempt,
             )
             self._instance._finish(job)
         if error is not None:
             logger.error(
-                "job %s (%s) raised on attempt %d", job.id, job.worker, job.attempt,
+                "job %s (%s) raised on attempt %d",
+                job.id,
+                job.worker,
+                job.attempt,
                 exc_info=error,
             )
         if events.has_handlers("job.exception"):
@@ -234,7 +255,11 @@ class Executor:
     def _cancel(self, job: Job, reason: Any, duration: float) -> None:
         now = self._clock.now()
         job.errors.append(
-            {"attempt": job.attempt, "at": now.isoformat(), "error": f"cancelled: {_reason_text(reason)}"}
+            {
+                "attempt": job.attempt,
+                "at": now.isoformat(),
+                "error": f"cancelled: {_reason_text(reason)}",
+            }
         )
         job.state = JobState.CANCELLED
         job.completed_at = now
@@ -248,8 +273,10 @@ class Executor:
         except Exception:
             logger.exception("backoff() of job %s failed; using the default", job.id)
             return default_backoff(job.attempt)
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (
-            math.isfinite(delay) and delay >= 0
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or not (math.isfinite(delay) and delay >= 0)
         ):
             logger.error(
                 "backoff() of job %s returned %r, not seconds >= 0; using the default",

@@ -8,13 +8,18 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Self
 
 from stagehand import _registry, events
-from stagehand._config import build_settings, check_limit
-from stagehand._config import DEFAULT_GRACE_PERIOD, DEFAULT_RETENTION_LIMIT
-from stagehand._config import DEFAULT_RETENTION_PERIOD, DEFAULT_UNIQUE_LIMIT
 from stagehand._clock import Clock
+from stagehand._config import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_RETENTION_LIMIT,
+    DEFAULT_RETENTION_PERIOD,
+    DEFAULT_UNIQUE_LIMIT,
+    build_settings,
+    check_limit,
+)
 from stagehand._execute import Executor
 from stagehand._job import Job, JobState, new_job_id
 from stagehand._leadership import Leadership, SoloLeadership
@@ -104,7 +109,9 @@ class Stagehand:
         self._stopped = threading.Event()
         self._executor = Executor(self)
         self._queues = {
-            queue.name: Queue(queue.name, queue.limit, self._executor.run, paused=queue.paused)
+            queue.name: Queue(
+                queue.name, queue.limit, self._executor.run, paused=queue.paused
+            )
             for queue in self.settings.queues
         }
         self._scheduler: Scheduler | None = None
@@ -124,8 +131,9 @@ class Stagehand:
     def __repr__(self) -> str:
         return f"<Stagehand {self.name!r} {self._state} testing={self.testing!r}>"
 
-    def __enter__(self) -> Stagehand:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
@@ -237,7 +245,9 @@ class Stagehand:
         deadline = time.monotonic() + self.settings.shutdown_grace_period
         for queue in self._queues.values():
             queue.wait_idle(deadline, time.monotonic)
-        return [job for job in list(self._live.values()) if job.state is JobState.EXECUTING]
+        return [
+            job for job in list(self._live.values()) if job.state is JobState.EXECUTING
+        ]
 
     def _abandon(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -568,9 +578,9 @@ class Stagehand:
             state = job.state
             if state in (JobState.AVAILABLE, JobState.EXECUTING):
                 return job
-            if state in _WAITING and self._scheduler is not None:
-                if not self._scheduler.forget_job(job):
-                    return job
+            waiting = state in _WAITING and self._scheduler is not None
+            if waiting and not self._scheduler.forget_job(job):  # type: ignore[union-attr]
+                return job
             if job.attempt >= job.max_attempts:
                 job.max_attempts = job.attempt + 1
             job.cancel_requested = False

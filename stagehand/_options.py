@@ -129,9 +129,7 @@ def normalize_schedule_in(value: object) -> float:
 
 def check_scheduled_at(value: object) -> datetime:
     if not isinstance(value, datetime):
-        raise InvalidOption(
-            f"scheduled_at must be an aware datetime; got {value!r}"
-        )
+        raise InvalidOption(f"scheduled_at must be an aware datetime; got {value!r}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidOption(
             f"scheduled_at must be an aware datetime; got the naive {value!r}. "
@@ -239,13 +237,13 @@ def _check_choices(
         return None
     allowed = list(choices)
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidOption(f"{name} must be a list drawn from {allowed}; got {value!r}")
+        raise InvalidOption(
+            f"{name} must be a list drawn from {allowed}; got {value!r}"
+        )
     items = [str(item) if isinstance(item, JobState) else item for item in value]
     if not items:
         raise InvalidOption(f"{name} must not be empty; choose from {allowed}")
     for item in items:
         if item not in allowed:
-            raise InvalidOption(
-                f"{name} must be drawn from {allowed}; got {item!r}"
-            )
+            raise InvalidOption(f"{name} must be drawn from {allowed}; got {item!r}")
     return sorted(set(items), key=allowed.index)

@@ -221,7 +221,9 @@ class Queue:
                     self.stuck -= 1
                 return
 
-    def _take(self, cond: threading.Condition, heap: list[tuple[int, int, Job]]) -> Job | None:
+    def _take(
+        self, cond: threading.Condition, heap: list[tuple[int, int, Job]]
+    ) -> Job | None:
         # Called with cond held. Returns None when this thread must exit.
         while True:
             if self._closed or self._threads > self.limit:

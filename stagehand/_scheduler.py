@@ -110,7 +110,8 @@ class Scheduler:
         return [
             payload
             for _, sequence, kind, payload in entries
-            if kind == _JOB and payload._schedule_seq == sequence
+            if kind == _JOB
+            and payload._schedule_seq == sequence
             and payload.state in _WAITING
         ]
 

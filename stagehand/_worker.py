@@ -217,9 +217,12 @@ def _import_worker(path: str) -> type[Worker]:
             target = getattr(target, attribute, None)
             if target is None:
                 break
-        if isinstance(target, type) and issubclass(target, Worker):
-            if target is not Worker:
-                return target
+        if (
+            isinstance(target, type)
+            and issubclass(target, Worker)
+            and target is not Worker
+        ):
+            return target
         raise UnknownWorker(
             f"{path!r} does not name a stagehand.Worker subclass in module "
             f"{module_name!r}; check the spelling of the class name"

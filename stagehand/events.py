@@ -57,7 +57,9 @@ _by_event: dict[str, tuple[tuple[Hashable, Handler], ...]] = {}
 _by_id: dict[Hashable, tuple[frozenset[str], Handler]] = {}
 
 
-def attach(handler_id: Hashable, event_names: Iterable[str] | str, handler: Handler) -> None:
+def attach(
+    handler_id: Hashable, event_names: Iterable[str] | str, handler: Handler
+) -> None:
     """Call `handler` for each of `event_names`.
 
     Raises:
@@ -82,7 +84,7 @@ def attach(handler_id: Hashable, event_names: Iterable[str] | str, handler: Hand
             )
         _by_id[handler_id] = (frozenset(names), handler)
         for name in set(names):
-            _by_event[name] = _by_event.get(name, ()) + ((handler_id, handler),)
+            _by_event[name] = (*_by_event.get(name, ()), (handler_id, handler))
 
 
 def detach(handler_id: Hashable) -> bool:
@@ -110,7 +112,9 @@ def has_handlers(event: str) -> bool:
     return event in _by_event
 
 
-def emit(event: str, measurements: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+def emit(
+    event: str, measurements: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> None:
     """Call every handler of `event`; detach and log any handler that raises."""
     for handler_id, handler in _by_event.get(event, ()):
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from stagehand._instance import Stagehand
 
-__all__ = ["Cron", "Plugin"]
+__all__ = ["Cron", "Plugin"]  # noqa: F822 - Cron is loaded by __getattr__
 
 
 class Plugin:
