@@ -7,11 +7,12 @@ import enum
 import itertools
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from stagehand.exceptions import NotRunning
+from stagehand.exceptions import NotRunning, StagehandError
 
 if TYPE_CHECKING:
     from stagehand._instance import Stagehand
@@ -101,6 +102,13 @@ def new_job_id() -> str:
     return f"{_id_prefix}-{next(_id_counter):x}"
 
 
+# Set by a framework integration (stagehand_django sets it in its app's
+# ready()). `Job.insert` calls ``hook(job, instance, on_commit)`` with the
+# validated job; the hook inserts it now or when the transaction commits and
+# returns what `Job.insert` returns.
+on_commit_hook: Callable[[Job, Stagehand, bool | None], Job] | None = None
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     """One unit of work: a worker, its arguments and its bookkeeping.
@@ -144,16 +152,34 @@ class Job:
     _thread_id: int | None = field(default=None, repr=False)
     _instance: Any = field(default=None, repr=False)
 
-    def insert(self, instance: Stagehand | None = None) -> Job:
+    def insert(
+        self, instance: Stagehand | None = None, *, on_commit: bool | None = None
+    ) -> Job:
         """Insert this job into `instance`, or into the default instance.
+
+        Args:
+            instance: The instance to insert into. Defaults to the default
+                instance.
+            on_commit: True to insert only when the current database
+                transaction commits (and drop the job on rollback); False to
+                insert now. None (the default) inserts now, unless a
+                framework integration such as ``stagehand_django`` has set
+                `on_commit_hook`, whose setting then decides. The job is
+                validated at this call either way.
 
         Returns:
             The inserted job, with `id` and `state` set. If a unique job
-            already exists, a copy of that job with `conflict=True`.
+            already exists, a copy of that job with `conflict=True`. A
+            deferred job is returned unsaved (``id`` None) and gets its id
+            when the transaction commits.
 
         Raises:
             NotRunning: No instance was given and no default instance exists.
+            StagehandError: ``on_commit=True`` and no transaction hook is
+                registered.
         """
+        if on_commit is not None and not isinstance(on_commit, bool):
+            raise TypeError(f"on_commit must be True, False or None; got {on_commit!r}")
         if instance is None:
             from stagehand._registry import default_instance
 
@@ -164,7 +190,17 @@ class Job:
                     "stagehand.start(...) first, or pass the instance: "
                     "job.insert(instance)"
                 )
-        return instance.insert(self)
+        hook = on_commit_hook
+        if on_commit is False or (on_commit is None and hook is None):
+            return instance.insert(self)
+        if hook is None:
+            raise StagehandError(
+                "job.insert(on_commit=True) needs a transaction hook and none is "
+                "registered; add 'stagehand_django' to INSTALLED_APPS, or insert "
+                "with on_commit=False"
+            )
+        instance._check_insert(self)
+        return hook(self, instance, on_commit)
 
     @property
     def is_final(self) -> bool:

@@ -1,0 +1,30 @@
+"""System checks of the Stagehand settings (``manage.py check``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.core import checks
+
+from stagehand_django import conf
+
+__all__ = ["check_settings"]
+
+
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Report each mistake in STAGEHAND and the STAGEHAND_* settings.
+
+    Ids: E001 STAGEHAND is not a dict, E002 a ``name`` key, E003 an unknown
+    key, E004 an invalid value (the core's validation message), E005
+    STAGEHAND_AUTOSTART, E006 STAGEHAND_INSERT_ON_COMMIT, E007
+    STAGEHAND_RUNTIME_DIR, E008 a Stagehand task backend naming a queue
+    that STAGEHAND does not configure.
+    """
+    return [
+        checks.Error(problem.msg, hint=problem.hint, id=problem.id)
+        for problem in conf.problems()
+    ]

@@ -1,0 +1,247 @@
+"""Django settings of Stagehand, with their defaults and their validation.
+
+Settings read here:
+
+``STAGEHAND``
+    A dict of the keyword arguments of `stagehand.Stagehand`: queues,
+    plugins, testing, shutdown_grace_period, cluster, clock,
+    retention_period, retention_limit and unique_limit. Workers and plugins
+    may be classes or dotted paths. Defaults to ``{}`` (the core defaults).
+``STAGEHAND_AUTOSTART``
+    None (default) lets the app decide which processes start the default
+    instance; True starts it in every process when Django is ready; False
+    never starts it (call `stagehand_django.lifecycle.start()` yourself).
+``STAGEHAND_INSERT_ON_COMMIT``
+    True makes ``job.insert()`` wait for the current transaction of the
+    default database to commit, as ``job.insert(on_commit=True)`` does.
+    Defaults to False.
+``STAGEHAND_RUNTIME_DIR``
+    Absolute path of the directory holding each running process's control
+    socket, read by ``manage.py stagehand_status``. Defaults to a directory
+    per user and project under `tempfile.gettempdir()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+import stagehand
+from stagehand import _config
+
+__all__ = [
+    "Problem",
+    "autostart",
+    "insert_on_commit",
+    "instance_kwargs",
+    "problems",
+    "runtime_dir",
+]
+
+# Keyword arguments of Stagehand(...) that STAGEHAND may hold, with defaults.
+# "name" is left out: the app always manages the instance named "default".
+_SIGNATURE = inspect.signature(stagehand.Stagehand.__init__)
+DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in _SIGNATURE.parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "name"
+}
+
+_HINTS = {
+    "queues": 'Use a dict of queue name to worker threads, such as {"default": 10}.',
+    "plugins": "Use a list of (PluginClass or dotted path, options) pairs.",
+    "testing": 'Use "disabled" to run jobs, or "manual" or "inline" in tests.',
+    "shutdown_grace_period": "Use a number of seconds, such as 15.",
+    "cluster": "Remove the key: this version runs one process per instance.",
+    "clock": "Use a stagehand.Clock, such as stagehand.FakeClock(), or remove it.",
+    "retention_period": "Use a number of seconds, such as 300.",
+    "retention_limit": "Use an int >= 0, such as 10000.",
+    "unique_limit": "Use an int >= 1, such as 100000.",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One mistake in the settings, as a system check reports it."""
+
+    id: str
+    msg: str
+    hint: str
+
+
+def problems() -> list[Problem]:
+    """Return every mistake in the Stagehand settings; empty when all is well."""
+    found = _stagehand_problems(getattr(settings, "STAGEHAND", {}))
+    found.extend(_flag_problems())
+    if not found:
+        found.extend(_task_problems())
+    return found
+
+
+def _task_problems() -> list[Problem]:
+    # django.tasks registers its own checks only once it is imported, so the
+    # queues of Stagehand task backends are checked here.
+    backends = getattr(settings, "TASKS", {})
+    configured = getattr(settings, "STAGEHAND", {}).get("queues") or {"default": 10}
+    found = []
+    for alias, params in backends.items() if isinstance(backends, Mapping) else ():
+        if params.get("BACKEND") != "stagehand_django.tasks.StagehandBackend":
+            continue
+        missing = sorted(set(params.get("QUEUES", ["default"])) - set(configured))
+        if missing:
+            found.append(
+                Problem(
+                    id="stagehand.E008",
+                    msg=f"TASKS[{alias!r}]['QUEUES'] names queues {missing} that "
+                    "STAGEHAND['queues'] does not configure",
+                    hint="Add them to STAGEHAND['queues'] or remove them from QUEUES.",
+                )
+            )
+    return found
+
+
+def _stagehand_problems(value: object) -> list[Problem]:
+    if not isinstance(value, Mapping):
+        return [
+            Problem(
+                id="stagehand.E001",
+                msg=f"STAGEHAND must be a dict; got {value!r}",
+                hint='Write STAGEHAND = {"queues": {"default": 10}}, or remove it.',
+            )
+        ]
+    found = []
+    for key in value:
+        if key == "name":
+            found.append(
+                Problem(
+                    id="stagehand.E002",
+                    msg=f"STAGEHAND['name'] cannot be set; got {value[key]!r}",
+                    hint="Remove it: Django manages the instance named 'default', "
+                    "which job.insert() uses.",
+                )
+            )
+        elif key not in DEFAULTS:
+            found.append(
+                Problem(
+                    id="stagehand.E003",
+                    msg=f"STAGEHAND has an unknown key {key!r}",
+                    hint=f"Valid keys are {', '.join(sorted(DEFAULTS))}.",
+                )
+            )
+    for key in DEFAULTS:
+        if key in value:
+            found.extend(_value_problems(key, value[key]))
+    return found
+
+
+def _value_problems(key: str, value: object) -> list[Problem]:
+    # Each key is checked alone against core defaults for the others, so that
+    # every bad key gets its own message.
+    arguments = {**DEFAULTS, "name": "default", key: value}
+    try:
+        _config.build_settings(**arguments)
+    except (ValueError, TypeError) as error:
+        return [
+            Problem(
+                id="stagehand.E004",
+                msg=f"STAGEHAND[{key!r}] is invalid: {error}",
+                hint=_HINTS.get(key, "See docs/django.md."),
+            )
+        ]
+    return []
+
+
+def _flag_problems() -> list[Problem]:
+    found = []
+    value = getattr(settings, "STAGEHAND_AUTOSTART", None)
+    if value is not None and not isinstance(value, bool):
+        found.append(
+            Problem(
+                id="stagehand.E005",
+                msg=f"STAGEHAND_AUTOSTART must be None, True or False; got {value!r}",
+                hint="None lets the app decide per process; see docs/django.md.",
+            )
+        )
+    value = getattr(settings, "STAGEHAND_INSERT_ON_COMMIT", False)
+    if not isinstance(value, bool):
+        found.append(
+            Problem(
+                id="stagehand.E006",
+                msg=f"STAGEHAND_INSERT_ON_COMMIT must be True or False; got {value!r}",
+                hint="True makes job.insert() wait for the transaction to commit.",
+            )
+        )
+    value = getattr(settings, "STAGEHAND_RUNTIME_DIR", None)
+    if value is not None and (
+        not isinstance(value, (str, os.PathLike)) or not os.path.isabs(value)
+    ):
+        found.append(
+            Problem(
+                id="stagehand.E007",
+                msg=f"STAGEHAND_RUNTIME_DIR must be an absolute path; got {value!r}",
+                hint="Use a directory only this user can write, or remove the setting.",
+            )
+        )
+    return found
+
+
+def _raise_first(found: list[Problem]) -> None:
+    if found:
+        first = found[0]
+        raise ImproperlyConfigured(f"{first.msg}. {first.hint} ({first.id})")
+
+
+def instance_kwargs() -> dict[str, Any]:
+    """Return the keyword arguments of the default instance, from STAGEHAND.
+
+    Raises:
+        ImproperlyConfigured: A setting is invalid; ``manage.py check``
+            lists every mistake.
+    """
+    value = getattr(settings, "STAGEHAND", {})
+    _raise_first(_stagehand_problems(value))
+    return {**dict(value), "name": "default"}
+
+
+def autostart() -> bool | None:
+    """Return STAGEHAND_AUTOSTART: None, True or False."""
+    _raise_first(_flag_problems())
+    value: bool | None = getattr(settings, "STAGEHAND_AUTOSTART", None)
+    return value
+
+
+def insert_on_commit() -> bool:
+    """Return STAGEHAND_INSERT_ON_COMMIT (default False)."""
+    value = getattr(settings, "STAGEHAND_INSERT_ON_COMMIT", False)
+    return value if isinstance(value, bool) else False
+
+
+def testing_mode() -> str:
+    """Return the configured testing mode, "disabled" when unset or invalid."""
+    value = getattr(settings, "STAGEHAND", {})
+    mode = value.get("testing", "disabled") if isinstance(value, Mapping) else None
+    return mode if mode in _config.TESTING_MODES else "disabled"
+
+
+def runtime_dir() -> str:
+    """Return the directory of control sockets for this project.
+
+    The default is ``<tempdir>/stagehand-<uid>-<hash>``, where the hash is
+    taken from the settings module and ``BASE_DIR``, so two projects of one
+    user never share a directory.
+    """
+    value = getattr(settings, "STAGEHAND_RUNTIME_DIR", None)
+    if value is not None:
+        _raise_first(_flag_problems())
+        return os.fspath(value)
+    project = f"{settings.SETTINGS_MODULE}|{getattr(settings, 'BASE_DIR', '')}"
+    digest = hashlib.sha256(project.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"stagehand-{os.getuid()}-{digest}")

@@ -1,0 +1,191 @@
+"""Starting and stopping the default instance in each Django process.
+
+Which processes start it (with ``STAGEHAND_AUTOSTART = None``, the
+default):
+
+- every process, when ``STAGEHAND["testing"]`` is "manual" or "inline"
+  (no thread runs in those modes), when Django is ready;
+- the serving child of ``manage.py runserver`` (``RUN_MAIN=true``, or
+  ``--noreload``), when Django is ready; never the autoreloader's parent;
+- ``manage.py stagehand_worker``, which starts it itself;
+- no other management command (migrate, shell, check, test, ...);
+- any other program, such as gunicorn, uWSGI or an ASGI server: lazily, on
+  the first request the process serves, or from a post-fork hook
+  (`post_worker_init` for gunicorn). The process that forks workers, such as
+  gunicorn's master under ``--preload``, serves no request and so runs no
+  job threads.
+
+``STAGEHAND_AUTOSTART = True`` starts it in every process when Django is
+ready; False never starts it (call `start` yourself).
+
+The instance stops gracefully at interpreter exit (`stop` is registered
+with `atexit`), which is how runserver, gunicorn workers and uWSGI workers
+end on a clean exit. Nothing here installs a signal handler.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import request_started
+
+import stagehand
+from stagehand_django import conf, db
+from stagehand_django.control import ControlPlugin
+
+__all__ = ["decide", "install", "post_worker_init", "start", "stop"]
+
+logger = logging.getLogger(__name__)
+
+EAGER, LAZY, NEVER = "eager", "lazy", "never"
+# Seconds `stop` waits for worker threads to exit once the instance stopped.
+THREAD_EXIT_WAIT = 2.0
+_MANAGE_PROGRAMS = ("manage.py", "django-admin", "django-admin.py")
+
+_lock = threading.Lock()
+_owned: stagehand.Stagehand | None = None
+_stopped = False
+
+
+def _forget_after_fork() -> None:
+    global _lock, _owned, _stopped
+    _lock = threading.Lock()
+    _owned = None
+    _stopped = False
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def management_command(argv: list[str] | None = None) -> str | None:
+    """Return the management command this process runs, or None."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return None
+    program = argv[0]
+    name = os.path.basename(program)
+    is_django_main = (
+        name == "__main__.py" and os.path.basename(os.path.dirname(program)) == "django"
+    )
+    if name not in _MANAGE_PROGRAMS and not is_django_main:
+        return None
+    return argv[1] if len(argv) > 1 else "help"
+
+
+def decide(argv: list[str] | None = None) -> str:
+    """Return when this process starts the default instance.
+
+    Returns:
+        "eager" (when Django is ready), "lazy" (on the first request or a
+        post-fork hook) or "never".
+    """
+    argv = sys.argv if argv is None else argv
+    flag = conf.autostart()
+    if flag is not None:
+        return EAGER if flag else NEVER
+    if conf.testing_mode() != "disabled":
+        return EAGER
+    command = management_command(argv)
+    if command is None:
+        return LAZY
+    if command == "runserver" and (
+        os.environ.get("RUN_MAIN") == "true" or "--noreload" in argv
+    ):
+        return EAGER
+    return NEVER
+
+
+def install() -> None:
+    """Start now or connect the lazy start; called by the app's ready().
+
+    A settings error is logged, not raised, so that ``manage.py check`` can
+    still report it.
+    """
+    try:
+        when = decide()
+        if when == EAGER:
+            start()
+    except ImproperlyConfigured as error:
+        logger.error("Stagehand was not started: %s Run manage.py check.", error)
+        return
+    if when == LAZY:
+        request_started.connect(_start_on_request, dispatch_uid=__name__)
+
+
+def _start_on_request(sender: Any, **kwargs: Any) -> None:
+    if _owned is not None or _stopped:
+        return
+    if getattr(sender, "__module__", "") == "django.test.client":
+        return
+    start()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Gunicorn hook: start the instance in each worker once its app loaded.
+
+    Use it in ``gunicorn.conf.py``:
+    ``from stagehand_django.lifecycle import post_worker_init``.
+    """
+    start()
+
+
+def start() -> stagehand.Stagehand:
+    """Start the default instance from the settings, once per process.
+
+    Returns the running default instance, which may be one that other code
+    started. With ``testing="disabled"`` the instance also serves a control
+    socket for ``manage.py stagehand_status``.
+
+    Raises:
+        ImproperlyConfigured: The settings are invalid.
+    """
+    global _owned, _stopped
+    with _lock:
+        current = stagehand.default_instance()
+        if current is not None:
+            return current
+        instance = _build()
+        instance.start()
+        _owned = instance
+        _stopped = False
+        # Registered after the instance registered its own stop, so that this
+        # one runs first at exit and also closes database connections.
+        atexit.unregister(stop)
+        atexit.register(stop)
+    return instance
+
+
+def _build() -> stagehand.Stagehand:
+    kwargs = conf.instance_kwargs()
+    if kwargs.get("testing", "disabled") == "disabled":
+        control = (ControlPlugin, {"directory": conf.runtime_dir()})
+        kwargs["plugins"] = [*(kwargs.get("plugins") or ()), control]
+    try:
+        return stagehand.Stagehand(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise ImproperlyConfigured(
+            f"STAGEHAND is invalid: {error} Run manage.py check for every mistake."
+        ) from error
+
+
+def stop() -> None:
+    """Stop the instance that `start` started, gracefully; then close the
+    database connections of its worker threads.
+
+    Calling it again, or when nothing was started, does nothing.
+    """
+    global _owned, _stopped
+    with _lock:
+        instance, _owned = _owned, None
+        _stopped = True
+    if instance is None:
+        return
+    instance.stop()
+    db.keeper.close_exited(deadline=time.monotonic() + THREAD_EXIT_WAIT)

@@ -1,0 +1,231 @@
+"""A django.tasks backend that runs tasks as Stagehand jobs.
+
+Works with Django 6's built-in ``django.tasks`` and, on Django 5.2, with
+the ``django-tasks`` backport (import name ``django_tasks``)::
+
+    TASKS = {
+        "default": {
+            "BACKEND": "stagehand_django.tasks.StagehandBackend",
+            "QUEUES": ["default", "mailers"],   # Stagehand queues
+            "OPTIONS": {"max_attempts": 1},
+        }
+    }
+
+Each task runs as a `TaskWorker` job in the process that enqueued it. The
+job's id is the result id, and `StagehandBackend.get_result` reads the job
+from the instance for as long as it is retained (``retention_period``), in
+the same process only. With ``STAGEHAND["testing"]`` set to "manual" tasks
+are recorded and not run, as with Django's DummyBackend; with "inline" they
+run in the caller, as with its ImmediateBackend.
+
+Priority: Django's -100..100 (larger runs sooner) maps onto Stagehand's
+0..9 (lower runs sooner) as ``(100 - priority) * 9 // 200``; `to_priority`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+import stagehand
+from stagehand import Job, JobState, Worker
+
+try:
+    from django.tasks import TaskContext, TaskResult, TaskResultStatus, task
+    from django.tasks.backends.base import BaseTaskBackend
+    from django.tasks.base import TaskError
+    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+    from django.tasks.signals import task_enqueued, task_finished, task_started
+except ImportError:  # Django 5.2 with the django-tasks backport
+    from django_tasks import TaskContext, TaskResult, TaskResultStatus, task
+    from django_tasks.backends.base import BaseTaskBackend
+    from django_tasks.base import TaskError
+    from django_tasks.exceptions import InvalidTaskError as InvalidTask
+    from django_tasks.exceptions import TaskResultDoesNotExist
+    from django_tasks.signals import task_enqueued, task_finished, task_started
+
+__all__ = ["StagehandBackend", "TaskWorker", "task", "to_priority"]
+
+_STATUS = {
+    JobState.AVAILABLE: TaskResultStatus.READY,
+    JobState.SCHEDULED: TaskResultStatus.READY,
+    JobState.RETRYABLE: TaskResultStatus.READY,
+    JobState.EXECUTING: TaskResultStatus.RUNNING,
+    JobState.COMPLETED: TaskResultStatus.SUCCESSFUL,
+    JobState.DISCARDED: TaskResultStatus.FAILED,
+    JobState.CANCELLED: TaskResultStatus.FAILED,
+}
+
+
+def to_priority(priority: int) -> int:
+    """Map a django.tasks priority (-100..100) onto Stagehand's 0..9.
+
+    100..78 give 0, 0 gives 4 and -78..-100 give 9.
+    """
+    return (100 - priority) * 9 // 200
+
+
+class StagehandBackend(BaseTaskBackend):
+    """Enqueues django.tasks tasks into the default Stagehand instance.
+
+    OPTIONS: ``max_attempts`` (attempts per task, default 1: django.tasks
+    has no retry policy of its own).
+    """
+
+    supports_defer = True
+    supports_async_task = True
+    supports_priority = True
+    # Results live in the memory of the process that enqueued the task.
+    supports_get_result = False
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        self.max_attempts = self.options.get("max_attempts", 1)
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
+            raise ImproperlyConfigured(
+                f"TASKS[{alias!r}]['OPTIONS']['max_attempts'] must be an int >= 1; "
+                f"got {self.max_attempts!r}"
+            )
+        self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
+
+    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+        """Insert the task as a job now, and return its `TaskResult`.
+
+        The insert does not wait for a transaction to commit; wrap the call
+        in ``transaction.on_commit`` for that, as django.tasks recommends.
+        """
+        self.validate_task(task)
+        options: dict[str, Any] = {
+            "queue": task.queue_name,
+            "priority": to_priority(task.priority),
+            "max_attempts": self.max_attempts,
+        }
+        if task.run_after is not None:
+            options["scheduled_at"] = _aware(task.run_after)
+        job = TaskWorker.new(
+            {
+                "task": task.module_path,
+                "backend": self.alias,
+                "args": list(args),
+                "kwargs": dict(kwargs),
+            },
+            **options,
+        )
+        inserted = job.insert(on_commit=False)
+        result = self._result(inserted, task)
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def get_result(self, result_id: str) -> Any:
+        """Return the result of a job of this process that is still retained.
+
+        Raises:
+            TaskResultDoesNotExist: No such job, or it is no longer retained.
+        """
+        instance = stagehand.default_instance()
+        job = None if instance is None else instance.get_job(result_id)
+        if job is None or job.worker != TaskWorker._stagehand_path:
+            raise TaskResultDoesNotExist(result_id)
+        return self._result(job, import_string(job.args["task"]))
+
+    def _result(self, job: Job, task: Any) -> Any:
+        result = TaskResult(
+            task=task,
+            id=job.id,
+            status=_STATUS[job.state],
+            enqueued_at=job.inserted_at,
+            started_at=job.attempted_at,
+            finished_at=job.completed_at,
+            last_attempted_at=job.attempted_at,
+            args=job.args["args"],
+            kwargs=job.args["kwargs"],
+            backend=self.alias,
+            errors=_errors(job),
+            worker_ids=list(job.meta.get("worker_ids", [])),
+        )
+        if job.state is JobState.COMPLETED:
+            object.__setattr__(result, "_return_value", job.result)
+        return result
+
+
+def _aware(moment: datetime) -> datetime:
+    if timezone.is_aware(moment):
+        return moment
+    return timezone.make_aware(moment)
+
+
+def _errors(job: Job) -> list[Any]:
+    paths = job.meta.get("exception_paths", [])
+    errors = []
+    for index, error in enumerate(job.errors):
+        path = paths[index] if index < len(paths) else "builtins.Exception"
+        errors.append(TaskError(exception_class_path=path, traceback=error["error"]))
+    return errors
+
+
+class TaskWorker(Worker):
+    """Runs one django.tasks task, imported by its module path.
+
+    Sends ``task_started`` before the call and ``task_finished`` after it,
+    from the worker thread (or the inserting thread, in inline mode).
+    """
+
+    max_attempts = 1
+
+    def perform(self, job: Job) -> Any:
+        backend = _backend(job.args["backend"])
+        task = import_string(job.args["task"])
+        job.meta.setdefault("worker_ids", []).append(
+            f"{backend.worker_id}:{threading.current_thread().name}"
+        )
+        result = backend._result(job, task)
+        object.__setattr__(result, "status", TaskResultStatus.RUNNING)
+        task_started.send(type(backend), task_result=result)
+        try:
+            value = self._call(task, result, job)
+        except BaseException as error:
+            kind = type(error)
+            job.meta.setdefault("exception_paths", []).append(
+                f"{kind.__module__}.{kind.__qualname__}"
+            )
+            final = job.attempt >= job.max_attempts or isinstance(
+                error, KeyboardInterrupt
+            )
+            if final:
+                object.__setattr__(result, "status", TaskResultStatus.FAILED)
+                task_finished.send(type(backend), task_result=result)
+            raise
+        object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
+        object.__setattr__(result, "_return_value", value)
+        task_finished.send(type(backend), task_result=result)
+        return value
+
+    def _call(self, task: Any, result: Any, job: Job) -> Any:
+        args, kwargs = job.args["args"], job.args["kwargs"]
+        if task.takes_context:
+            return task.call(TaskContext(task_result=result), *args, **kwargs)
+        return task.call(*args, **kwargs)
+
+
+def _backend(alias: str) -> StagehandBackend:
+    try:
+        from django.tasks import task_backends
+    except ImportError:
+        from django_tasks import task_backends
+    backend = task_backends[alias]
+    if not isinstance(backend, StagehandBackend):
+        raise InvalidTask(
+            f"task backend {alias!r} is {type(backend).__name__}, not "
+            "StagehandBackend; a TaskWorker job needs its backend"
+        )
+    return backend
