@@ -45,8 +45,6 @@ DATABASES = {
     },
 }
 
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-
 
 def _plugins() -> list[tuple[str, dict[str, str]]]:
     fifo = os.environ.get("STAGEHAND_TEST_STARTUP_JOB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -128,12 +129,13 @@ class Process:
             self.popen.send_signal(number)
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(WAIT)
+        """Kill the process group (leftover children included) and clean up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(WAIT)
+        self._reader.join(WAIT)
+        assert self.popen.stdout is not None
+        self.popen.stdout.close()
 
     def _report(self, what: str) -> str:
         return f"{what}; output so far:\n" + "\n".join(self.lines)

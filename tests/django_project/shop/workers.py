@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -10,6 +11,8 @@ from django.db import connections
 
 from django_project.shop.models import Note
 from stagehand import Job, Worker
+
+logger = logging.getLogger(__name__)
 
 # What ConnectionProbe saw, by job id: filled in worker threads.
 probes: dict[str, dict[str, Any]] = {}
@@ -28,10 +31,12 @@ class FileWorker(Worker):
             out.write(f"started {os.getpid()}\n")
         fifo = job.args.get("fifo")
         if fifo:
+            logger.info("job %s waiting on %s", job.id, fifo)
             with open(fifo) as release:
                 release.read()
         with open(path, "a") as out:
             out.write(f"finished {os.getpid()}\n")
+        logger.info("job %s finished", job.id)
         return "done"
 
 
