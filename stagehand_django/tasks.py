@@ -19,7 +19,9 @@ are recorded and not run, as with Django's DummyBackend; with "inline" they
 run in the caller, as with its ImmediateBackend.
 
 Priority: Django's -100..100 (larger runs sooner) maps onto Stagehand's
-0..9 (lower runs sooner) as ``(100 - priority) * 9 // 200``; `to_priority`.
+0..9 (lower runs sooner) in bands of 20: ``min((100 - priority) // 20, 9)``,
+so 100..81 give 0, 20..1 give 4, 0..-19 (Django's default 0 included) give
+5 and -80..-100 give 9; see `to_priority`.
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ _STATUS = {
 def to_priority(priority: int) -> int:
     """Map a django.tasks priority (-100..100) onto Stagehand's 0..9.
 
-    100..78 give 0, 0 gives 4 and -78..-100 give 9.
+    Bands of 20 from the top: 100..81 give 0, 80..61 give 1, and so on to
+    -60..-79, which give 8; -80..-100 give 9.
     """
-    return (100 - priority) * 9 // 200
+    return min((100 - priority) // 20, 9)
 
 
 class StagehandBackend(BaseTaskBackend):
