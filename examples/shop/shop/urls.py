@@ -1,0 +1,7 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from orders import views
+
+urlpatterns = [path("order/", views.place_order)]
