@@ -1,0 +1,120 @@
+"""Test cases and a pytest fixture for projects that insert Stagehand jobs.
+
+Set ``STAGEHAND = {"testing": "manual"}`` in the test settings: inserts are
+validated and recorded, not run. `StagehandTestCase` (a Django `TestCase`)
+and `StagehandTestMixin` (for any Django test case) forget the recorded
+jobs before each test and add assertions built on `stagehand.testing`::
+
+    class CheckoutTests(StagehandTestCase):
+        def test_confirmation_is_sent(self):
+            self.client.post("/order/")
+            self.assertEnqueued(worker=ConfirmationWorker, queue="mailers")
+
+With pytest-django, add ``pytest_plugins = ["stagehand_django.test"]`` to
+a conftest.py and request the `stagehand_jobs` fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.test import TestCase
+
+import stagehand
+from stagehand import Job, testing
+
+__all__ = ["StagehandTestCase", "StagehandTestMixin", "default_test_instance"]
+
+
+def default_test_instance() -> stagehand.Stagehand:
+    """Return the default instance, which must run in a testing mode.
+
+    Raises:
+        ImproperlyConfigured: No default instance runs, or it runs jobs in
+            worker threads.
+    """
+    instance = stagehand.default_instance()
+    if instance is None or instance.testing == "disabled":
+        found = "none runs" if instance is None else "it has testing='disabled'"
+        raise ImproperlyConfigured(
+            "Stagehand test assertions need the default instance in a testing "
+            f"mode, and {found}; set STAGEHAND['testing'] = 'manual' in the test "
+            "settings"
+        )
+    return instance
+
+
+class StagehandTestMixin:
+    """Assertions about enqueued jobs, for any Django test case.
+
+    Filters are those of `stagehand.testing.assert_enqueued`: worker (class
+    or dotted path), queue, args and meta (subsets), priority, tags, state.
+    """
+
+    failureException: type[BaseException]
+
+    def _pre_setup(self, *args: Any, **kwargs: Any) -> None:
+        # Django calls _pre_setup before setUp, so a setUp that forgets
+        # super() still starts from no recorded jobs.
+        super()._pre_setup(*args, **kwargs)  # type: ignore[misc]
+        testing.reset(default_test_instance())
+
+    def assertEnqueued(self, **filters: Any) -> Job:
+        """Assert that a matching job is enqueued, and return it."""
+        try:
+            return testing.assert_enqueued(default_test_instance(), **filters)
+        except AssertionError as error:
+            raise self.failureException(str(error)) from None
+
+    def assertNotEnqueued(self, **filters: Any) -> None:
+        """Assert that no matching job is enqueued."""
+        try:
+            testing.refute_enqueued(default_test_instance(), **filters)
+        except AssertionError as error:
+            raise self.failureException(str(error)) from None
+
+    def assertEnqueuedCount(self, count: int, **filters: Any) -> list[Job]:
+        """Assert that exactly `count` matching jobs are enqueued; return them."""
+        jobs = testing.all_enqueued(default_test_instance(), **filters)
+        if len(jobs) != count:
+            listed = "\n".join(f"  {testing.format_job(job)}" for job in jobs)
+            raise self.failureException(
+                f"expected {count} enqueued job(s) matching {filters!r}, found "
+                f"{len(jobs)}" + (f":\n{listed}" if listed else "")
+            )
+        return jobs
+
+    @contextmanager
+    def captureEnqueued(self) -> Iterator[list[Job]]:
+        """Yield a list that receives the jobs enqueued inside the block.
+
+        The list is filled when the block ends, oldest insert first.
+        """
+        instance = default_test_instance()
+        before = {id(job) for job in testing.recorded_jobs(instance)}
+        captured: list[Job] = []
+        yield captured
+        for job in testing.recorded_jobs(instance):
+            if id(job) not in before:
+                captured.append(job)
+
+
+class StagehandTestCase(StagehandTestMixin, TestCase):
+    """A Django `TestCase` with the assertions of `StagehandTestMixin`."""
+
+
+try:
+    import pytest
+except ImportError:  # pytest is optional: the fixture needs it, the classes not.
+    pass
+else:
+
+    @pytest.fixture
+    def stagehand_jobs() -> stagehand.Stagehand:
+        """Forget the recorded jobs and return the default test instance."""
+        instance = default_test_instance()
+        testing.reset(instance)
+        return instance

@@ -1,0 +1,101 @@
+"""StagehandTestCase, StagehandTestMixin and the stagehand_jobs fixture."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import SimpleTestCase, override_settings
+
+import stagehand
+from django_project.shop.workers import FileWorker, NoteWorker
+from stagehand_django import lifecycle
+
+# stagehand.testing is built alongside this module; skip until it lands.
+pytest.importorskip("stagehand.testing")
+
+from stagehand_django.test import (  # noqa: E402
+    StagehandTestCase,
+    StagehandTestMixin,
+    default_test_instance,
+    stagehand_jobs,  # noqa: F401 - the fixture, used by name below
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def manual_instance() -> Iterator[None]:
+    with override_settings(
+        STAGEHAND={"testing": "manual", "queues": {"default": 1, "mailers": 1}}
+    ):
+        lifecycle.start()
+        yield
+        lifecycle.stop()
+
+
+class CaseTests(StagehandTestCase):
+    def test_assert_enqueued_returns_the_job(self) -> None:
+        inserted = NoteWorker.new({"text": "a", "n": 1}).insert()
+        found = self.assertEnqueued(worker=NoteWorker, args={"text": "a"})
+        self.assertIs(found, inserted)
+
+    def test_recorded_jobs_are_reset_per_test_first(self) -> None:
+        NoteWorker.new({"text": "left over"}).insert()
+        self.assertEnqueuedCount(1)
+
+    def test_recorded_jobs_are_reset_per_test_second(self) -> None:
+        NoteWorker.new({"text": "left over"}).insert()
+        self.assertEnqueuedCount(1)
+
+    def test_assert_enqueued_failure_lists_jobs(self) -> None:
+        NoteWorker.new({"text": "a"}).insert()
+        with self.assertRaises(AssertionError) as caught:
+            self.assertEnqueued(worker=NoteWorker, args={"text": "b"})
+        self.assertIn('"text": "a"', str(caught.exception))
+
+    def test_assert_not_enqueued(self) -> None:
+        NoteWorker.new({"text": "a"}).insert()
+        self.assertNotEnqueued(worker=FileWorker)
+        with self.assertRaises(AssertionError):
+            self.assertNotEnqueued(worker=NoteWorker)
+
+    def test_assert_enqueued_count(self) -> None:
+        NoteWorker.new({"text": "a"}).insert()
+        NoteWorker.new({"text": "b"}, queue="mailers").insert()
+        self.assertEqual(len(self.assertEnqueuedCount(2, worker=NoteWorker)), 2)
+        self.assertEnqueuedCount(1, queue="mailers")
+        with self.assertRaises(AssertionError) as caught:
+            self.assertEnqueuedCount(3, worker=NoteWorker)
+        self.assertIn("expected 3 enqueued job(s)", str(caught.exception))
+        self.assertIn("found 2", str(caught.exception))
+
+    def test_capture_enqueued(self) -> None:
+        NoteWorker.new({"text": "before"}).insert()
+        with self.captureEnqueued() as jobs:
+            NoteWorker.new({"text": "inside"}).insert()
+        NoteWorker.new({"text": "after"}).insert()
+        self.assertEqual([job.args["text"] for job in jobs], ["inside"])
+
+
+class MixinTests(StagehandTestMixin, SimpleTestCase):
+    def test_mixin_works_on_simple_test_case(self) -> None:
+        FileWorker.new({"path": "x"}).insert()
+        self.assertEnqueued(worker="django_project.shop.workers.FileWorker")
+
+
+def test_pytest_fixture_resets(stagehand_jobs: stagehand.Stagehand) -> None:
+    assert stagehand_jobs is stagehand.default_instance()
+    NoteWorker.new({"text": "a"}).insert()
+    assert [job.args["text"] for job in stagehand_jobs.jobs()] == ["a"]
+
+
+def test_without_a_testing_instance_the_error_says_what_to_set() -> None:
+    lifecycle.stop()
+    try:
+        with pytest.raises(ImproperlyConfigured, match=r"STAGEHAND\['testing'\]"):
+            default_test_instance()
+    finally:
+        with override_settings(
+            STAGEHAND={"testing": "manual", "queues": {"default": 1, "mailers": 1}}
+        ):
+            lifecycle.start()
