@@ -241,7 +241,7 @@ def runtime_dir() -> str:
     value = getattr(settings, "STAGEHAND_RUNTIME_DIR", None)
     if value is not None:
         _raise_first(_flag_problems())
-        return os.fspath(value)
+        return str(os.fspath(value))
     project = f"{settings.SETTINGS_MODULE}|{getattr(settings, 'BASE_DIR', '')}"
     digest = hashlib.sha256(project.encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"stagehand-{os.getuid()}-{digest}")

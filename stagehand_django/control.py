@@ -15,6 +15,7 @@ plugin that starts and stops with its instance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -137,10 +138,8 @@ class ControlServer:
         self._listener.close()
         if self in _servers:
             _servers.remove(self)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def _serve(self) -> None:
         try:
@@ -220,7 +219,7 @@ class ControlPlugin(Plugin):
 
 @dataclass(slots=True)
 class Survey:
-    """What `query_all` found: the replies, and what failed and why."""
+    """The result of `query_all`: the replies, the failures and the removed sockets."""
 
     directory: str
     reports: list[dict[str, Any]] = field(default_factory=list)

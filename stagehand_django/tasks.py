@@ -15,7 +15,7 @@ Each task runs as a `TaskWorker` job in the process that enqueued it. The
 job's id is the result id, and `StagehandBackend.get_result` reads the job
 from the instance for as long as it is retained (``retention_period``), in
 the same process only. With ``STAGEHAND["testing"]`` set to "manual" tasks
-are recorded and not run, as with Django's DummyBackend; with "inline" they
+are recorded and not run, as with Django's DummyBackend. With "inline" they
 run in the caller, as with its ImmediateBackend.
 
 Priority: Django's -100..100 (larger runs sooner) maps onto Stagehand's
@@ -26,6 +26,8 @@ so 100..81 give 0, 20..1 give 4, 0..-19 (Django's default 0 included) give
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import threading
 from datetime import datetime
@@ -38,19 +40,27 @@ from django.utils.module_loading import import_string
 import stagehand
 from stagehand import Job, JobState, Worker
 
-try:
-    from django.tasks import TaskContext, TaskResult, TaskResultStatus, task
-    from django.tasks.backends.base import BaseTaskBackend
-    from django.tasks.base import TaskError
-    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
-    from django.tasks.signals import task_enqueued, task_finished, task_started
-except ImportError:  # Django 5.2 with the django-tasks backport
-    from django_tasks import TaskContext, TaskResult, TaskResultStatus, task
-    from django_tasks.backends.base import BaseTaskBackend
-    from django_tasks.base import TaskError
-    from django_tasks.exceptions import InvalidTaskError as InvalidTask
-    from django_tasks.exceptions import TaskResultDoesNotExist
-    from django_tasks.signals import task_enqueued, task_finished, task_started
+# Django 6 ships django.tasks; on Django 5.2 the django-tasks backport
+# provides the same API under the name django_tasks.
+_PACKAGE = (
+    "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
+)
+_base: Any = importlib.import_module(f"{_PACKAGE}.base")
+_backends: Any = importlib.import_module(f"{_PACKAGE}.backends.base")
+_exceptions: Any = importlib.import_module(f"{_PACKAGE}.exceptions")
+_signals: Any = importlib.import_module(f"{_PACKAGE}.signals")
+
+BaseTaskBackend = _backends.BaseTaskBackend
+TaskContext = _base.TaskContext
+TaskError = _base.TaskError
+TaskResult = _base.TaskResult
+TaskResultStatus = _base.TaskResultStatus
+task = _base.task
+InvalidTask = getattr(_exceptions, "InvalidTask", None) or _exceptions.InvalidTaskError
+TaskResultDoesNotExist = _exceptions.TaskResultDoesNotExist
+task_enqueued = _signals.task_enqueued
+task_finished = _signals.task_finished
+task_started = _signals.task_started
 
 __all__ = ["StagehandBackend", "TaskWorker", "task", "to_priority"]
 
@@ -74,7 +84,7 @@ def to_priority(priority: int) -> int:
     return min((100 - priority) // 20, 9)
 
 
-class StagehandBackend(BaseTaskBackend):
+class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
     """Enqueues django.tasks tasks into the default Stagehand instance.
 
     OPTIONS: ``max_attempts`` (attempts per task, default 1: django.tasks
@@ -142,9 +152,9 @@ class StagehandBackend(BaseTaskBackend):
         return self._result(job, import_string(job.args["task"]))
 
     def _result(self, job: Job, task: Any) -> Any:
-        result = TaskResult(
+        result: Any = TaskResult(
             task=task,
-            id=job.id,
+            id=str(job.id),
             status=_STATUS[job.state],
             enqueued_at=job.inserted_at,
             started_at=job.attempted_at,
@@ -221,11 +231,7 @@ class TaskWorker(Worker):
 
 
 def _backend(alias: str) -> StagehandBackend:
-    try:
-        from django.tasks import task_backends
-    except ImportError:
-        from django_tasks import task_backends
-    backend = task_backends[alias]
+    backend = importlib.import_module(_PACKAGE).task_backends[alias]
     if not isinstance(backend, StagehandBackend):
         raise InvalidTask(
             f"task backend {alias!r} is {type(backend).__name__}, not "

@@ -57,7 +57,7 @@ class StagehandTestMixin:
     failureException: type[BaseException]
 
     def _pre_setup(self, *args: Any, **kwargs: Any) -> None:
-        # Django calls _pre_setup before setUp, so a setUp that forgets
+        # Django calls _pre_setup before setUp, so a setUp that does not call
         # super() still starts from no recorded jobs.
         super()._pre_setup(*args, **kwargs)  # type: ignore[misc]
         testing.reset(default_test_instance())

@@ -68,7 +68,7 @@ class Command(BaseCommand):
             logger.warning("received %s again, exiting without waiting for jobs", name)
             os._exit(FORCED_EXIT)
 
-        previous = {}
+        previous: dict[int, Any] = {}
         for number in (signal.SIGTERM, signal.SIGINT):
             previous[number] = signal.signal(number, on_signal)
         return previous
