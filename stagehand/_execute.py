@@ -70,7 +70,7 @@ class Executor:
             calling thread must then exit, since a replacement runs.
         """
         worker = self._begin(job)
-        claim = job._claim
+        claim: list[int] = job._claim  # type: ignore[assignment]
         started = time.perf_counter()
         try:
             if worker._stagehand_has_timeout:
@@ -99,7 +99,6 @@ class Executor:
         job.attempt += 1
         job.attempted_at = self._clock.now()
         job._claim = [job.attempt]
-        job._thread_id = threading.get_ident()
         if events.has_handlers("job.start"):
             events.emit(
                 "job.start",

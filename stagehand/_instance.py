@@ -251,6 +251,8 @@ class Stagehand:
 
     def _abandon(self, jobs: list[Job]) -> None:
         for job in jobs:
+            if not job._claim:
+                continue
             try:
                 job._claim.pop()
             except IndexError:

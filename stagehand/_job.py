@@ -148,8 +148,8 @@ class Job:
     _worker_class: Any = field(default=None, repr=False)
     _due: float = field(default=0.0, repr=False)
     _schedule_seq: int = field(default=0, repr=False)
-    _claim: list[int] = field(default_factory=list, repr=False)
-    _thread_id: int | None = field(default=None, repr=False)
+    # Set when an attempt begins; see stagehand._execute for the race it settles.
+    _claim: list[int] | None = field(default=None, repr=False)
     _instance: Any = field(default=None, repr=False)
 
     def insert(
@@ -213,7 +213,7 @@ class Job:
         clone.args = copy.deepcopy(self.args)
         clone.meta = copy.deepcopy(self.meta)
         clone.errors = [dict(error) for error in self.errors]
-        clone._claim = []
+        clone._claim = None
         return clone
 
     def to_dict(self) -> dict[str, Any]:
