@@ -79,20 +79,32 @@ class FakeClock(Clock):
         self._start = start.astimezone(UTC)
         self._elapsed = 0.0
         self._waiting: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
+        # The time each thread last read, so wait() can tell whether an
+        # advance() happened after the caller computed its deadline.
+        self._seen = threading.local()
 
     def monotonic(self) -> float:
-        return self._elapsed
+        elapsed = self._elapsed
+        self._seen.elapsed = elapsed
+        return elapsed
 
     def now(self) -> datetime:
-        return self._start + timedelta(seconds=self._elapsed)
+        elapsed = self._elapsed
+        self._seen.elapsed = elapsed
+        return self._start + timedelta(seconds=elapsed)
 
     def wait(self, condition: threading.Condition, timeout: float | None) -> None:
-        # The caller holds the condition's lock, and advance() takes that lock
-        # to notify, so an advance between the caller's deadline check and
-        # this wait cannot be missed.
+        # An advance() after the condition is registered notifies it under the
+        # condition's lock, which the caller holds until it waits, so that
+        # wake-up cannot be lost. An advance() before registration changed the
+        # time the caller read, so the wait returns at once and the caller,
+        # which loops, reads the new time.
         with self._lock:
             self._waiting.add(condition)
-        condition.wait()
+            moved = self._elapsed != getattr(self._seen, "elapsed", None)
+            self._seen.elapsed = self._elapsed
+        if not moved:
+            condition.wait()
 
     def advance(self, seconds: float) -> datetime:
         """Move time forward by `seconds` and wake every waiting thread.

@@ -1,0 +1,83 @@
+"""FakeClock: advancing time wakes waiters, even right before they wait."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import pytest
+
+from stagehand import FakeClock
+
+
+def test_advance_moves_both_clocks() -> None:
+    clock = FakeClock(datetime(2026, 5, 1, 12, 0, tzinfo=UTC))
+    clock.advance(90)
+
+    assert clock.monotonic() == 90.0
+    assert clock.now() == datetime(2026, 5, 1, 12, 1, 30, tzinfo=UTC)
+
+
+def test_advance_between_read_and_wait() -> None:
+    # The advance lands after the caller read the time and before its first
+    # wait on a new condition: the wait must return instead of hanging.
+    clock = FakeClock()
+    condition = threading.Condition()
+    returned = threading.Event()
+
+    def caller() -> None:
+        with condition:
+            remaining = 5 - clock.monotonic()
+            advancer = threading.Thread(target=clock.advance, args=(5,))
+            advancer.start()
+            advancer.join(30)
+            clock.wait(condition, remaining)
+        returned.set()
+
+    threading.Thread(target=caller, daemon=True).start()
+
+    assert returned.wait(30)
+    assert clock.monotonic() == 5.0
+
+
+def test_waiter_wakes_on_advance() -> None:
+    clock = FakeClock()
+    condition = threading.Condition()
+    waiting = threading.Event()
+    woke = threading.Event()
+
+    def waiter() -> None:
+        with condition:
+            deadline = clock.monotonic() + 10
+            while clock.monotonic() < deadline:
+                waiting.set()
+                clock.wait(condition, deadline - clock.monotonic())
+        woke.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert waiting.wait(30)
+    clock.advance(4)
+    clock.advance(6)
+    thread.join(30)
+
+    assert woke.is_set()
+
+
+@pytest.mark.parametrize("bad", [-1, "5", True])
+def test_advance_rejects_bad_seconds(bad: object) -> None:
+    clock = FakeClock()
+    with pytest.raises((TypeError, ValueError)):
+        clock.advance(bad)  # type: ignore[arg-type]
+
+    assert clock.monotonic() == 0.0
+
+
+def test_set_rejects_past_and_naive() -> None:
+    clock = FakeClock()
+    with pytest.raises(ValueError, match="cannot go back"):
+        clock.set(datetime(2025, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError, match="aware datetime"):
+        clock.set(datetime(2027, 1, 1))
+    with pytest.raises(ValueError, match="aware datetime"):
+        FakeClock(datetime(2026, 1, 1))
