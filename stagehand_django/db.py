@@ -44,6 +44,10 @@ class ConnectionKeeper:
         self._lock = threading.Lock()
         self._threads: dict[threading.Thread, list[BaseDatabaseWrapper]] = {}
         self._active = 0
+        # The instance whose worker threads are looked after, set by
+        # `stagehand_django.lifecycle.start`; jobs of other instances are
+        # left alone.
+        self.instance: stagehand.Stagehand | None = None
 
     def attach(self) -> None:
         """Attach the job event handlers, once per process."""
@@ -53,8 +57,10 @@ class ConnectionKeeper:
     def _on_event(
         self, event: str, measurements: Mapping[str, Any], metadata: Mapping[str, Any]
     ) -> None:
-        instance = stagehand.get_instance(metadata["instance"])
+        instance = self.instance
         if instance is None or instance.testing != "disabled":
+            return
+        if metadata["instance"] != instance.name:
             return
         current = threading.current_thread()
         if not current.name.startswith("stagehand-"):
@@ -118,6 +124,7 @@ def _forget_after_fork() -> None:
     keeper._lock = threading.Lock()
     keeper._threads = {}
     keeper._active = 0
+    keeper.instance = None
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -153,6 +153,7 @@ def start() -> stagehand.Stagehand:
             return current
         instance = _build()
         instance.start()
+        db.keeper.instance = instance
         _owned = instance
         _stopped = False
         # Registered after the instance registered its own stop, so that this
@@ -189,3 +190,5 @@ def stop() -> None:
         return
     instance.stop()
     db.keeper.close_exited(deadline=time.monotonic() + THREAD_EXIT_WAIT)
+    if db.keeper.instance is instance:
+        db.keeper.instance = None
