@@ -1,1 +1,140 @@
-"""Pytest fixtures for code that uses Stagehand (registered as ``pytest11``)."""
+"""Pytest fixtures for code that uses Stagehand (registered as ``pytest11``).
+
+Pytest loads this module in every run where Stagehand is installed, so it
+imports Stagehand only when a test requests one of its fixtures, and it
+defines no autouse fixture. Disable it with ``-p no:stagehand``.
+
+Fixtures:
+    stagehand_clock: A `stagehand.FakeClock`, shared by the two below.
+    stagehand_instance: A started ``testing="manual"`` instance with a name
+        unique to the test, stopped after the test.
+    stagehand_default: The same, registered as the default instance (named
+        "default"), so `Job.insert()` and the `stagehand.testing` helpers
+        find it without being passed an instance.
+
+The ``stagehand`` marker sets the keyword arguments of `stagehand.Stagehand`
+for these fixtures, for example
+``@pytest.mark.stagehand(queues={"default": 1, "mailers": 1}, testing="inline")``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from stagehand import FakeClock, Stagehand
+
+__all__ = ["stagehand_clock", "stagehand_default", "stagehand_instance"]
+
+MARKER_OPTIONS = frozenset(
+    {
+        "queues",
+        "plugins",
+        "testing",
+        "shutdown_grace_period",
+        "retention_period",
+        "retention_limit",
+        "unique_limit",
+    }
+)
+
+_instance_numbers = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stagehand(**options): keyword arguments of stagehand.Stagehand for the "
+        "stagehand_instance and stagehand_default fixtures, such as "
+        'queues={"default": 1} or testing="inline" (default testing="manual")',
+    )
+
+
+@pytest.fixture
+def stagehand_clock() -> FakeClock:
+    """Provide a `stagehand.FakeClock` at 2026-01-01 00:00 UTC.
+
+    Move it with ``advance(seconds)`` or ``set(datetime)``.
+    """
+    from stagehand import FakeClock
+
+    return FakeClock()
+
+
+@pytest.fixture
+def stagehand_instance(
+    request: pytest.FixtureRequest, stagehand_clock: FakeClock
+) -> Iterator[Stagehand]:
+    """Provide a started Stagehand instance in manual mode, private to the test.
+
+    Its name is unique, so it never clashes with the default instance. It
+    uses the `stagehand_clock` fixture as its clock and takes the options of
+    the closest ``stagehand`` marker. It is stopped after the test, which
+    discards its recorded jobs.
+    """
+    name = f"pytest-{next(_instance_numbers)}"
+    yield from _run_instance(request, stagehand_clock, name)
+
+
+@pytest.fixture
+def stagehand_default(
+    request: pytest.FixtureRequest, stagehand_clock: FakeClock
+) -> Iterator[Stagehand]:
+    """Provide an instance like `stagehand_instance`, registered as the default.
+
+    `Job.insert()`, `stagehand.insert()` and the `stagehand.testing` helpers
+    called without an instance use it. The test fails at setup if another
+    default instance is already running.
+    """
+    import stagehand
+
+    running = stagehand.default_instance()
+    if running is not None:
+        pytest.fail(
+            f"stagehand_default needs the name 'default', but {running!r} is "
+            "already running; stop it first, or use the stagehand_instance "
+            "fixture and pass it to the helpers",
+            pytrace=False,
+        )
+    yield from _run_instance(request, stagehand_clock, "default")
+
+
+def _run_instance(
+    request: pytest.FixtureRequest, clock: FakeClock, name: str
+) -> Iterator[Stagehand]:
+    from stagehand import Stagehand
+
+    options = _marker_options(request)
+    instance = Stagehand(name=name, clock=clock, **options).start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def _marker_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {"testing": "manual"}
+    marker = request.node.get_closest_marker("stagehand")
+    if marker is None:
+        return options
+    if marker.args:
+        pytest.fail(
+            "pytest.mark.stagehand takes keyword arguments only; got the "
+            f"positional arguments {marker.args!r}. Write for example "
+            'pytest.mark.stagehand(queues={"default": 1}).',
+            pytrace=False,
+        )
+    unknown = sorted(set(marker.kwargs) - MARKER_OPTIONS)
+    if unknown:
+        pytest.fail(
+            f"pytest.mark.stagehand got unknown options {unknown}; valid options "
+            f"are {sorted(MARKER_OPTIONS)}. The fixtures set name and clock "
+            "themselves.",
+            pytrace=False,
+        )
+    options.update(marker.kwargs)
+    return options
