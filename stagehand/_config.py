@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ class Settings:
     retention_period: float
     retention_limit: int
     unique_limit: int
+    leader_lock: str | None = None
 
 
 def build_settings(
@@ -61,6 +63,7 @@ def build_settings(
     retention_period: float,
     retention_limit: int,
     unique_limit: int,
+    leader_lock: str | os.PathLike[str] | None = None,
 ) -> Settings:
     """Check every setting and return them as one `Settings`.
 
@@ -99,7 +102,25 @@ def build_settings(
         ),
         retention_limit=_check_count("retention_limit", retention_limit, minimum=0),
         unique_limit=_check_count("unique_limit", unique_limit, minimum=1),
+        leader_lock=_check_leader_lock(leader_lock),
     )
+
+
+def _check_leader_lock(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise InvalidOption(
+            f"leader_lock must be the path of a lock file or None; got {value!r}"
+        )
+    path = os.fspath(value)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InvalidOption(
+            f"leader_lock {path!r} is in a directory that does not exist; "
+            f"create {directory!r} first"
+        )
+    return str(path)
 
 
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:

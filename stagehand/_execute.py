@@ -187,6 +187,7 @@ class Executor:
         error: BaseException | None,
         duration: float,
     ) -> None:
+        monotonic = self._clock.monotonic()
         now = self._clock.now()
         job.errors.append(
             {"attempt": job.attempt, "at": now.isoformat(), "error": text}
@@ -208,7 +209,7 @@ class Executor:
                 job.max_attempts,
                 delay,
             )
-            self._instance._hold(job, delay)
+            self._instance._hold(job, monotonic + delay)
         else:
             job.state = JobState.DISCARDED
             job.completed_at = now
@@ -244,11 +245,12 @@ class Executor:
     def _snooze(self, job: Job, seconds: float, duration: float) -> None:
         # A snooze does not use up an attempt: the attempt still counts, and
         # max_attempts grows by one to make up for it.
+        monotonic = self._clock.monotonic()
         job.max_attempts += 1
         job.state = JobState.SCHEDULED
         job.scheduled_at = self._clock.now() + timedelta(seconds=seconds)
         logger.debug("job %s snoozed for %s s", job.id, seconds)
-        self._instance._hold(job, seconds)
+        self._instance._hold(job, monotonic + seconds)
         self._emit_stop(job, duration)
 
     def _cancel(self, job: Job, reason: Any, duration: float) -> None:

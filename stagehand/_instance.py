@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,7 @@ from stagehand._config import (
 )
 from stagehand._execute import Executor
 from stagehand._job import Job, JobState, new_job_id
-from stagehand._leadership import Leadership, SoloLeadership
+from stagehand._leadership import FileLockLeadership, Leadership, SoloLeadership
 from stagehand._queue import Queue
 from stagehand._retention import Retention
 from stagehand._scheduler import Scheduler
@@ -69,6 +70,9 @@ class Stagehand:
             Defaults to 10,000.
         unique_limit: Unique fingerprints remembered at most. Defaults to
             100,000.
+        leader_lock: Path of a lock file shared by the processes of one
+            host, so that only the process holding it leads (and runs
+            cron). None (the default) makes this process its own leader.
 
     Raises:
         InvalidOption: A setting is invalid.
@@ -87,6 +91,7 @@ class Stagehand:
         retention_period: float = DEFAULT_RETENTION_PERIOD,
         retention_limit: int = DEFAULT_RETENTION_LIMIT,
         unique_limit: int = DEFAULT_UNIQUE_LIMIT,
+        leader_lock: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = build_settings(
             queues=queues,
@@ -99,11 +104,16 @@ class Stagehand:
             retention_period=retention_period,
             retention_limit=retention_limit,
             unique_limit=unique_limit,
+            leader_lock=leader_lock,
         )
         self.name = self.settings.name
         self.testing = self.settings.testing
         self.clock = self.settings.clock
-        self.leadership: Leadership = SoloLeadership()
+        self.leadership: Leadership = (
+            SoloLeadership()
+            if self.settings.leader_lock is None
+            else FileLockLeadership(self.settings.leader_lock)
+        )
         self._lifecycle = threading.Lock()
         self._state = _NEW
         self._stopped = threading.Event()
@@ -174,6 +184,8 @@ class Stagehand:
                 self._scheduler.start()
                 for queue in self._queues.values():
                     queue.start()
+            if isinstance(self.leadership, FileLockLeadership):
+                self.leadership.start(self.name)
             self._state = _RUNNING
             atexit.register(self.stop)
         if self.testing == "disabled":
@@ -211,6 +223,8 @@ class Stagehand:
         logger.info("stagehand instance %r stopping", self.name)
         try:
             self._stop_plugins()
+            if isinstance(self.leadership, FileLockLeadership):
+                self.leadership.stop()
             self._close_queues()
             self._abandon(self._wait_for_executing())
             self._count_lost()
@@ -229,6 +243,8 @@ class Stagehand:
         self._state = _STOPPED
         self._stopped.set()
         atexit.unregister(self.stop)
+        if isinstance(self.leadership, FileLockLeadership):
+            self.leadership.forget_after_fork()
 
     def _stop_plugins(self) -> None:
         for plugin in reversed(self._plugins):
@@ -305,7 +321,7 @@ class Stagehand:
             QueueNotConfigured: The job's queue is not one of this instance's.
             UnknownWorker: The job's worker cannot be found.
         """
-        self._check_insert(job)
+        self.validate(job)
         if job.unique is not None:
             return self._unique.insert(job, self._enqueue)
         return self._enqueue(job)
@@ -325,12 +341,17 @@ class Stagehand:
                     "per insert with Worker.new(...)"
                 )
             seen.add(id(job))
-            self._check_insert(job)
+            self.validate(job)
         if self.testing == "disabled" and not any(job.unique for job in batch):
             return self._enqueue_batch(batch)
         return [self.insert(job) for job in batch]
 
-    def _check_insert(self, job: Job) -> None:
+    def validate(self, job: Job) -> None:
+        """Check that `insert(job)` would accept `job`, without inserting it.
+
+        Raises:
+            The errors of `insert`, for the same reasons.
+        """
         if not isinstance(job, Job):
             raise TypeError(
                 f"insert() takes a stagehand.Job, such as MyWorker.new(args); got {job!r}"
@@ -423,9 +444,10 @@ class Stagehand:
     def _promote(self, queue: str, jobs: list[Job]) -> None:
         self._queues[queue].push_many(jobs)
 
-    def _hold(self, job: Job, delay: float) -> None:
+    def _hold(self, job: Job, due: float) -> None:
+        # `due` is on the clock's monotonic scale, read when the attempt ended.
         if self._scheduler is not None:
-            self._scheduler.add_job(job, self.clock.monotonic() + delay)
+            self._scheduler.add_job(job, due)
 
     def _finish(self, job: Job) -> None:
         self._live.pop(job.id, None)  # type: ignore[arg-type]

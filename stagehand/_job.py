@@ -199,7 +199,7 @@ class Job:
                 "registered; add 'stagehand_django' to INSTALLED_APPS, or insert "
                 "with on_commit=False"
             )
-        instance._check_insert(self)
+        instance.validate(self)
         return hook(self, instance, on_commit)
 
     @property

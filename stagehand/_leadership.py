@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable
 
-__all__ = ["Leadership", "SoloLeadership"]
+__all__ = ["FileLockLeadership", "Leadership", "SoloLeadership"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +68,73 @@ class SoloLeadership(Leadership):
     def __init__(self) -> None:
         super().__init__()
         self._leader = True
+
+
+class FileLockLeadership(Leadership):
+    """Leadership among the processes of one host that share a lock file.
+
+    The leader is the process holding an exclusive `fcntl.flock` on `path`.
+    Each other process keeps one thread blocked in `flock` inside the
+    kernel, so it takes over the moment the leader releases the lock or
+    dies, without polling. Processes on other hosts are not coordinated:
+    that needs a cluster.
+
+    Args:
+        path: The lock file; created with mode 0600 if missing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str = "default") -> None:
+        """Start campaigning for leadership in a daemon thread."""
+        self._thread = threading.Thread(
+            target=self._campaign, name=f"stagehand-leadership-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _campaign(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            logger.exception("cannot open the leader lock file %r", self.path)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            logger.exception("cannot lock the leader lock file %r", self.path)
+            os.close(fd)
+            return
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                return
+            self._fd = fd
+        logger.info("this process leads (it holds %r)", self.path)
+        self.set_leader(True)
+
+    def stop(self) -> None:
+        """Give up leadership, or stop campaigning for it."""
+        with self._lock:
+            self._closed = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            self.set_leader(False)
+            os.close(fd)  # releases the lock for the next process
+
+    def forget_after_fork(self) -> None:
+        """Close this process's copy of the lock in a forked child.
+
+        A forked child shares the parent's open lock, so it must close its
+        copy without unlocking: flock locks belong to the open file, and
+        the parent's copy keeps it locked.
+        """
+        self._closed = True
+        fd, self._fd = self._fd, None
+        self._leader = False
+        if fd is not None:
+            os.close(fd)

@@ -34,7 +34,9 @@ class JobWatcher:
                 self.stopped.append((job.id, str(metadata["state"])))
             self.cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = HANG_GUARD) -> None:
+    def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = HANG_GUARD
+    ) -> None:
         with self.cond:
             if not self.cond.wait_for(predicate, timeout):
                 raise AssertionError(f"condition not reached within {timeout} s")
@@ -42,8 +44,29 @@ class JobWatcher:
     def wait_final(self, *jobs: stagehand.Job, timeout: float = HANG_GUARD) -> None:
         self.wait_for(lambda: all(job.is_final for job in jobs), timeout)
 
-    def wait_state(self, job: stagehand.Job, state: str, timeout: float = HANG_GUARD) -> None:
-        self.wait_for(lambda: job.state == state, timeout)
+    def wait_stops(
+        self, job: stagehand.Job, count: int, timeout: float = HANG_GUARD
+    ) -> None:
+        """Wait until `count` attempts of the job have emitted job.stop."""
+        self.wait_for(
+            lambda: sum(job_id == job.id for job_id, _ in self.stopped) >= count,
+            timeout,
+        )
+
+    def wait_state(
+        self, job: stagehand.Job, state: str, timeout: float = HANG_GUARD
+    ) -> None:
+        """Wait until the job is in `state` and its job.stop event has run.
+
+        The event comes after the engine has handed a retried or snoozed
+        job to the scheduler, so the test may then advance the clock.
+        """
+
+        def reached() -> bool:
+            last = [seen for job_id, seen in self.stopped if job_id == job.id][-1:]
+            return job.state == state and last == [state]
+
+        self.wait_for(reached, timeout)
 
 
 @contextmanager

@@ -35,7 +35,8 @@ def test_exception_retries_then_discards() -> None:
         assert job.scheduled_at.isoformat() == "2026-01-01T00:00:10+00:00"
 
         clock.advance(10)
-        watcher.wait_for(lambda: job.attempt == 2 and job.state is JobState.RETRYABLE)
+        watcher.wait_stops(job, 2)
+        assert job.state is JobState.RETRYABLE
         clock.advance(10)
         watcher.wait_final(job)
 
@@ -85,7 +86,8 @@ def test_snooze_keeps_attempts() -> None:
         assert job.scheduled_at.isoformat() == "2026-01-01T00:00:30+00:00"
 
         clock.advance(30)
-        watcher.wait_for(lambda: job.attempt == 2 and job.state is JobState.SCHEDULED)
+        watcher.wait_stops(job, 2)
+        assert job.state is JobState.SCHEDULED
 
     assert job.max_attempts == 3
 
