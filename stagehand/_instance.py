@@ -133,6 +133,10 @@ class Stagehand:
         )
         self._unique = UniqueTable(self.clock.monotonic, self.settings.unique_limit)
         self._recorded_lock = threading.Lock()
+        # Notified, with the version bumped, each time a job is recorded, so
+        # test helpers can wait for a job that another thread inserts.
+        self._recorded_changed = threading.Condition(self._recorded_lock)
+        self._recorded_version = 0
         self._recorded: list[Job] = []
         self._plugins: list[Plugin] = [
             plugin(self, options) for plugin, options in self.settings.plugins
@@ -435,9 +439,16 @@ class Stagehand:
             return job
         job.state = JobState.SCHEDULED if delay > 0 else JobState.AVAILABLE
         self._live[job.id] = job  # type: ignore[index]
-        with self._recorded_lock:
-            self._recorded.append(job)
+        with self._recorded_changed:
+            self._record_locked(job)
         return job
+
+    def _record_locked(self, job: Job) -> None:
+        # The caller holds _recorded_lock.
+        if job not in self._recorded:
+            self._recorded.append(job)
+        self._recorded_version += 1
+        self._recorded_changed.notify_all()
 
     # Engine callbacks
 
@@ -615,6 +626,7 @@ class Stagehand:
                 self._queues[job.queue].push_locked(job)
             else:
                 job.state = JobState.AVAILABLE
+                self._record_locked(job)
         self._retained.pop(job.id)  # type: ignore[arg-type]
         logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
         return job

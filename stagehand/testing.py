@@ -464,17 +464,23 @@ def _search(
     # Searches until a job matches or `timeout` seconds have passed, and
     # returns the searched jobs and the matching ones.
     deadline = time.monotonic() + timeout
-    with _recorded_changed:
-        while True:
-            jobs = recorded_jobs(instance)
-            matched = [job for job in jobs if job_filter.matches(job)]
-            remaining = deadline - time.monotonic()
-            if matched or remaining <= 0:
-                return jobs, matched
-            # TODO: the core records jobs without notifying anyone, so this
-            # checks again every 0.05 s. Wait on a notification from
-            # Stagehand._enqueue_for_testing once the core sends one.
-            _recorded_changed.wait(min(remaining, _RECHECK_SECONDS))
+    while True:
+        version = instance._recorded_version
+        jobs = recorded_jobs(instance)
+        matched = [job for job in jobs if job_filter.matches(job)]
+        remaining = deadline - time.monotonic()
+        if matched or remaining <= 0:
+            return jobs, matched
+        if instance.testing == "disabled":
+            # NOTE: a running instance tells no one about inserts (that
+            # would cost every production insert), so this re-checks every
+            # 0.05 s.
+            with _recorded_changed:
+                _recorded_changed.wait(min(remaining, _RECHECK_SECONDS))
+            continue
+        with instance._recorded_changed:
+            if instance._recorded_version == version:
+                instance._recorded_changed.wait(remaining)
 
 
 # Running jobs in the test
