@@ -166,8 +166,14 @@ def start() -> stagehand.Stagehand:
 def _build() -> stagehand.Stagehand:
     kwargs = conf.instance_kwargs()
     if kwargs.get("testing", "disabled") == "disabled":
-        control = (ControlPlugin, {"directory": conf.runtime_dir()})
+        directory = conf.runtime_dir()
+        control = (ControlPlugin, {"directory": directory})
         kwargs["plugins"] = [*(kwargs.get("plugins") or ()), control]
+        if "leader_lock" not in kwargs:
+            # The processes of this project on this host elect one cron
+            # leader, so forked server workers do not each run cron.
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            kwargs["leader_lock"] = os.path.join(directory, "leader.lock")
     try:
         return stagehand.Stagehand(**kwargs)
     except (ValueError, TypeError) as error:
