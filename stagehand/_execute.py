@@ -192,6 +192,7 @@ class Executor:
         job.errors.append(
             {"attempt": job.attempt, "at": now.isoformat(), "error": text}
         )
+        self._log_failure(job, kind, text, error)
         if job.cancel_requested:
             job.state = JobState.CANCELLED
             job.completed_at = now
@@ -214,20 +215,13 @@ class Executor:
             job.state = JobState.DISCARDED
             job.completed_at = now
             logger.warning(
-                "job %s (%s) discarded after %d attempts",
+                "job %s (%s) discarded: attempt %d of %d failed",
                 job.id,
                 job.worker,
                 job.attempt,
+                job.max_attempts,
             )
             self._instance._finish(job)
-        if error is not None:
-            logger.error(
-                "job %s (%s) raised on attempt %d",
-                job.id,
-                job.worker,
-                job.attempt,
-                exc_info=error,
-            )
         if events.has_handlers("job.exception"):
             events.emit(
                 "job.exception",
@@ -241,6 +235,27 @@ class Executor:
                 },
             )
         self._emit_stop(job, duration)
+
+    def _log_failure(
+        self, job: Job, kind: str, text: str, error: BaseException | None
+    ) -> None:
+        if error is not None:
+            logger.error(
+                "job %s (%s) raised on attempt %d",
+                job.id,
+                job.worker,
+                job.attempt,
+                exc_info=error,
+            )
+        elif kind == "error":
+            logger.error(
+                "job %s (%s) failed attempt %d: %s",
+                job.id,
+                job.worker,
+                job.attempt,
+                text,
+            )
+        # A timeout was already logged, at WARNING, when it fired.
 
     def _snooze(self, job: Job, seconds: float, duration: float) -> None:
         # A snooze does not use up an attempt: the attempt still counts, and

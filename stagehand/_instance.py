@@ -487,7 +487,14 @@ class Stagehand:
             worker: A `Worker` subclass or its dotted path.
         """
         states = _check_states(state)
-        path = worker_path(worker) if isinstance(worker, type) else worker
+        if isinstance(worker, type):
+            path: str | None = worker_path(resolve_worker(worker))
+        elif worker is None or isinstance(worker, str):
+            path = worker
+        else:
+            raise InvalidOption(
+                f"worker must be a Worker subclass or its dotted path; got {worker!r}"
+            )
         found = self._retained.jobs()
         found.extend(self._live.values())
         selected = [

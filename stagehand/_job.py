@@ -188,8 +188,15 @@ class Job:
                 raise NotRunning(
                     "no default Stagehand instance exists; call "
                     "stagehand.start(...) first, or pass the instance: "
-                    "job.insert(instance)"
+                    "job.insert(instance). Under Django the app starts it in "
+                    "serving processes only; in a shell or script call "
+                    "stagehand_django.lifecycle.start()"
                 )
+        elif not hasattr(instance, "validate"):
+            raise TypeError(
+                f"instance must be a stagehand.Stagehand; got {instance!r}. To "
+                "insert into a named instance, pass stagehand.get_instance(name)"
+            )
         hook = on_commit_hook
         if on_commit is False or (on_commit is None and hook is None):
             return instance.insert(self)

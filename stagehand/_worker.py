@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 import threading
 from typing import Any, ClassVar
@@ -78,6 +79,14 @@ class Worker:
         cls._stagehand_unique = _options.normalize_unique(cls.unique)
         cls._stagehand_path = worker_path(cls)
         cls._stagehand_has_timeout = cls.timeout is not Worker.timeout
+        for method in ("perform", "backoff", "timeout"):
+            if inspect.iscoroutinefunction(getattr(cls, method)):
+                raise TypeError(
+                    f"{where}.{method} is a coroutine function, but Stagehand runs "
+                    f"workers in threads and would never await it; define "
+                    f"'def {method}(self, job)' and call asyncio.run(...) inside "
+                    "it if you need async code"
+                )
 
     def perform(self, job: Job) -> Any:
         """Do the job's work.
@@ -120,6 +129,11 @@ class Worker:
         """
         if cls is Worker:
             raise TypeError("Worker.new() needs a subclass: MyWorker.new(args)")
+        if cls.perform is Worker.perform:
+            raise TypeError(
+                f"{cls.__qualname__} does not implement perform(self, job), so "
+                "its jobs could only fail; define perform before building jobs"
+            )
         job = Job(
             worker=cls._stagehand_path,
             args=_options.normalize_json_dict({} if args is None else args, "args"),

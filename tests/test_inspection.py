@@ -38,6 +38,12 @@ def test_jobs_filters() -> None:
         assert instance.jobs(worker="workers.EchoWorker", queue="default") == [waiting]
         with pytest.raises(InvalidOption, match="state must be one of"):
             instance.jobs(state="finished")
+        with pytest.raises(InvalidOption, match="worker must be a Worker subclass"):
+            instance.jobs(worker=3)  # type: ignore[arg-type]
+        with pytest.raises(
+            InvalidOption, match="is not a subclass of stagehand.Worker"
+        ):
+            instance.jobs(worker=int)
 
 
 def test_retention_expires_by_time() -> None:

@@ -71,7 +71,10 @@ def test_args_are_copied_through_json() -> None:
         ({"max_attempts": 1.5}, "got 1.5"),
         ({"schedule_in": -1}, "schedule_in must be a finite number >= 0; got -1"),
         ({"schedule_in": math.nan}, "finite number"),
-        ({"schedule_in": (5, "weeks")}, "unit must be one of seconds, minutes, hours, days; got 'weeks'"),
+        (
+            {"schedule_in": (5, "weeks")},
+            "unit must be one of seconds, minutes, hours, days; got 'weeks'",
+        ),
         ({"schedule_in": (5,)}, "(amount, unit)"),
         ({"schedule_in": "5"}, "got '5'"),
         ({"scheduled_at": datetime(2030, 1, 1)}, "naive"),
@@ -82,7 +85,10 @@ def test_args_are_copied_through_json() -> None:
         ({"tags": ["ok", 3]}, "got 3"),
         ({"meta": [1]}, "meta must be a dict with string keys; got list"),
         ({"unique": "yes"}, "unique must be None, False, True or a dict; got 'yes'"),
-        ({"unique": {"period": 0}}, "unique period must be a finite number of seconds > 0"),
+        (
+            {"unique": {"period": 0}},
+            "unique period must be a finite number of seconds > 0",
+        ),
         ({"unique": {"perido": 5}}, "unknown unique keys ['perido']"),
         ({"unique": {"fields": ["args", "color"]}}, "got 'color'"),
         ({"unique": {"states": ["finished"]}}, "got 'finished'"),
@@ -140,14 +146,19 @@ def test_schedule_in_units(value: object, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("attributes", "message"),
     [
-        ({"priority": 12}, "BadWorker.priority must be an int from 0 (runs first) to 9; got 12"),
+        (
+            {"priority": 12},
+            "BadWorker.priority must be an int from 0 (runs first) to 9; got 12",
+        ),
         ({"max_attempts": 0}, "BadWorker.max_attempts must be an int >= 1; got 0"),
         ({"queue": ""}, "BadWorker.queue must be a non-empty string"),
         ({"tags": "x"}, "BadWorker.tags must be a list or tuple of strings"),
         ({"unique": {"period": -5}}, "unique period"),
     ],
 )
-def test_worker_class_attributes_checked(attributes: dict[str, object], message: str) -> None:
+def test_worker_class_attributes_checked(
+    attributes: dict[str, object], message: str
+) -> None:
     with pytest.raises(InvalidOption) as raised:
         type("BadWorker", (Worker,), attributes)
 
@@ -162,7 +173,10 @@ def test_worker_base_class_new_rejected() -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("workers.NoSuchWorker", "does not name a stagehand.Worker subclass in module 'workers'"),
+        (
+            "workers.NoSuchWorker",
+            "does not name a stagehand.Worker subclass in module 'workers'",
+        ),
         ("workers.RUN_LOCK", "does not name a stagehand.Worker subclass"),
         ("no_such_module.Worker", "cannot import a module for worker path"),
         ("", "a worker must be a Worker subclass or its dotted path"),
@@ -190,3 +204,26 @@ def test_default_backoff_bounds(attempt: int) -> None:
 
     assert expected * 0.9 <= delay <= min(expected * 1.1, 86_400)
     assert math.isfinite(delay)
+
+
+def test_async_perform_rejected() -> None:
+    with pytest.raises(TypeError, match="AsyncWorker.perform is a coroutine function"):
+
+        class AsyncWorker(Worker):
+            async def perform(self, job: Job) -> None:
+                return None
+
+
+def test_missing_perform_rejected_at_new() -> None:
+    class Abstract(Worker):
+        queue = "mailers"
+
+    with pytest.raises(TypeError, match="Abstract does not implement perform"):
+        Abstract.new({})
+
+
+def test_insert_rejects_non_instance() -> None:
+    with pytest.raises(
+        TypeError, match="instance must be a stagehand.Stagehand; got 'default'"
+    ):
+        EchoWorker.new({}).insert("default")  # type: ignore[arg-type]
