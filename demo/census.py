@@ -158,9 +158,14 @@ def summarize(jobs: list[Job], report: Job, cleanup: Job, elapsed: float) -> Non
     largest = sorted(completed, key=lambda job: job.result["lines"], reverse=True)[:5]
 
     print(f"\nAnalysed {len(jobs)} modules in {elapsed:.2f} s ({len(jobs) / elapsed:,.0f} jobs/s)")
-    print("Jobs by state:")
+    print("Analysis jobs by state:")
     for state in JobState:
         print(f"  {state.value:<10} {states.get(state.value, 0):>6}")
+    priorities = Counter(job.priority for job in jobs)
+    print(
+        "Analysis jobs by priority (0 ran first): "
+        + ", ".join(f"{priority}: {priorities[priority]}" for priority in sorted(priorities))
+    )
     print(f"Lines of Python: {lines:,} ({sum(j.result['blank'] for j in completed):,} blank)")
     print("Most imported modules: " + ", ".join(f"{name} ({count})" for name, count in imports.most_common(8)))
     print("Largest modules:")
@@ -174,8 +179,12 @@ def summarize(jobs: list[Job], report: Job, cleanup: Job, elapsed: float) -> Non
     if len(discarded) > 5:
         print(f"  ... and {len(discarded) - 5} more")
     for job in [job for job in jobs if job.state is JobState.CANCELLED][:3]:
-        print(f"Cancelled by its worker: {job.args['path']}: {job.errors[-1]['error']}")
-    print(f"Report job: {report.state.value} after {report.attempt} attempts (snoozed while analysis ran)")
+        reason = job.errors[-1]["error"].removeprefix("cancelled: ")
+        print(f"Cancelled by its worker: {job.args['path']} ({reason})")
+    print(
+        f"Report job: {report.state.value} after snoozing {report.attempt - 1} times "
+        "while the analysis ran"
+    )
     print(f"Cleanup job: {cleanup.state.value} through cancel_job() before it was due")
 
 
@@ -189,14 +198,28 @@ class OneLineErrors(logging.Filter):
         return True
 
 
+class ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Write log lines to stdout below the progress line, not glued to it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.tty = sys.stdout.isatty()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        super().emit(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="analyse only the first N modules")
     parser.add_argument("--threads", type=int, default=8, help="worker threads for the analysis queue")
     options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(OneLineErrors())
+    handler = ProgressAwareHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OneLineErrors())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
     paths = stdlib_modules(options.limit)
     print(f"Stagehand {stagehand.__version__}: analysing {len(paths)} standard library modules "

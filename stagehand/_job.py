@@ -21,7 +21,7 @@ __all__ = ["Cancel", "Error", "Job", "JobState", "Snooze", "new_job_id"]
 
 
 @enum.unique
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Where a job is in its life.
 
     `available`, `scheduled`, `executing` and `retryable` are live states;
@@ -35,9 +35,6 @@ class JobState(str, enum.Enum):
     COMPLETED = "completed"
     DISCARDED = "discarded"
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_final(self) -> bool:
