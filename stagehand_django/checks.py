@@ -22,9 +22,11 @@ def check_settings(
     key, E004 an invalid value (the core's validation message), E005
     STAGEHAND_AUTOSTART, E006 STAGEHAND_INSERT_ON_COMMIT, E007
     STAGEHAND_RUNTIME_DIR, E008 a Stagehand task backend naming a queue
-    that STAGEHAND does not configure.
+    that STAGEHAND does not configure, W001 a STAGEHAND* setting that
+    Stagehand does not read (a misspelling).
     """
-    return [
-        checks.Error(problem.msg, hint=problem.hint, id=problem.id)
-        for problem in conf.problems()
-    ]
+    messages: list[checks.CheckMessage] = []
+    for problem in conf.problems():
+        level = checks.Warning if problem.warning else checks.Error
+        messages.append(level(problem.msg, hint=problem.hint, id=problem.id))
+    return messages

@@ -23,6 +23,7 @@ Settings read here:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import os
@@ -75,6 +76,7 @@ class Problem:
     id: str
     msg: str
     hint: str
+    warning: bool = False
 
 
 def problems() -> list[Problem]:
@@ -83,6 +85,35 @@ def problems() -> list[Problem]:
     found.extend(_flag_problems())
     if not found:
         found.extend(_task_problems())
+    found.extend(_unknown_setting_problems())
+    return found
+
+
+KNOWN_SETTINGS = (
+    "STAGEHAND",
+    "STAGEHAND_AUTOSTART",
+    "STAGEHAND_INSERT_ON_COMMIT",
+    "STAGEHAND_RUNTIME_DIR",
+)
+
+
+def _unknown_setting_problems() -> list[Problem]:
+    # A misspelled setting name is otherwise ignored without a word.
+    found = []
+    for name in dir(settings):
+        if not name.startswith("STAGEHAND") or name in KNOWN_SETTINGS:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1)
+        found.append(
+            Problem(
+                id="stagehand.W001",
+                msg=f"{name} is not a Stagehand setting and is ignored",
+                hint=f"Did you mean {close[0]}?"
+                if close
+                else f"Stagehand reads {', '.join(KNOWN_SETTINGS)}.",
+                warning=True,
+            )
+        )
     return found
 
 

@@ -109,3 +109,29 @@ def test_runtime_start_raises_improperly_configured() -> None:
 def test_runtime_flag_error_raises_improperly_configured() -> None:
     with pytest.raises(ImproperlyConfigured, match="STAGEHAND_AUTOSTART"):
         conf.autostart()
+
+
+@override_settings(STAGEHAND_AUTOSTRT=False, STAGEHANDX={"queues": {}})
+def test_misspelled_setting_names_warn() -> None:
+    found = {
+        message.id: message
+        for message in checks.run_checks()
+        if message.id == "stagehand.W001"
+    }
+    messages = sorted(
+        (message.msg, message.hint)
+        for message in checks.run_checks()
+        if message.id == "stagehand.W001"
+    )
+
+    assert isinstance(found["stagehand.W001"], checks.Warning)
+    assert messages == [
+        (
+            "STAGEHANDX is not a Stagehand setting and is ignored",
+            "Did you mean STAGEHAND?",
+        ),
+        (
+            "STAGEHAND_AUTOSTRT is not a Stagehand setting and is ignored",
+            "Did you mean STAGEHAND_AUTOSTART?",
+        ),
+    ]
