@@ -7,7 +7,7 @@ VENV_313 := .venv-313
 TEST_DEPS := -e '.[test]' 'django>=5.2,<5.3' 'django-tasks>=0.8' gunicorn
 TEST_DEPS_313 := -e '.[test]' 'django>=6,<7' gunicorn
 
-.PHONY: demo test test-311 test-313 bench clean
+.PHONY: demo test test-311 test-313 lint bench clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/census.py
@@ -20,6 +20,12 @@ test-311: $(VENV)/.installed
 
 test-313:
 	@scripts/test-python313.sh $(VENV_313) $(TEST_DEPS_313)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/pip install -q ruff mypy django-stubs
+	$(VENV)/bin/ruff check stagehand stagehand_django
+	$(VENV)/bin/ruff format --check stagehand stagehand_django
+	$(VENV)/bin/mypy stagehand stagehand_django
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/pip install -q -e '.[bench]'
