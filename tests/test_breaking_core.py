@@ -1,0 +1,758 @@
+"""Failing tests for bugs found by attacking the core engine.
+
+Each test shows one broken behaviour and is marked ``xfail(strict=True)``, so
+the suite stays green while the bug exists and turns red (XPASS) once it is
+fixed: then remove the marker. Each docstring gives the expected behaviour,
+then the actual one.
+
+Some tests reach into internals (a queue's condition, the scheduler's timer
+heap, a clock that parks one thread) only to hold a race open at an exact
+point; the behaviour they check is public.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pytest
+from support import HANG_GUARD, running, watching
+from workers import (
+    RUN_LOCK,
+    RUNS,
+    BlockingWorker,
+    EchoWorker,
+    FailingWorker,
+    RecordingWorker,
+)
+
+import stagehand
+from stagehand import (
+    FakeClock,
+    InvalidOption,
+    Job,
+    JobState,
+    JobTimeout,
+    ShuttingDown,
+    Snooze,
+    Stagehand,
+    StagehandError,
+    SystemClock,
+    Worker,
+    _registry,
+    events,
+)
+from stagehand._worker import worker_path
+
+_names = itertools.count()
+
+
+def _name(prefix: str) -> str:
+    return f"breaking-{prefix}-{next(_names)}"
+
+
+def _wait_until(predicate: Callable[[], bool], guard: float = HANG_GUARD) -> bool:
+    """Wait for a condition that no event signals; False when `guard` passes.
+
+    Only a broken test reaches the guard; the short pause between checks
+    keeps the loop from spinning.
+    """
+    deadline = time.monotonic() + guard
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _in_call(thread: threading.Thread, function: str) -> bool:
+    """True while `thread` has a frame of `function` on its stack."""
+    frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.CRITICAL and "crashed" in record.getMessage()
+    ]
+
+
+def _forget(instance: Stagehand) -> None:
+    """Drop an instance whose queue is deadlocked: stop() would never return."""
+    atexit.unregister(instance.stop)
+    _registry.unregister(instance)
+
+
+class _ParkingClock(SystemClock):
+    """The real clock, except that it parks one chosen thread at one call.
+
+    Set `park_now` or `park_monotonic` to a predicate on the calling thread.
+    The first matching call sets `parked` and waits for `resume`.
+    """
+
+    def __init__(self) -> None:
+        self.park_now: Callable[[threading.Thread], bool] | None = None
+        self.park_monotonic: Callable[[threading.Thread], bool] | None = None
+        self.parked = threading.Event()
+        self.resume = threading.Event()
+
+    def _maybe_park(self, which: str) -> None:
+        predicate = getattr(self, which)
+        if predicate is not None and predicate(threading.current_thread()):
+            setattr(self, which, None)
+            self.parked.set()
+            self.resume.wait(HANG_GUARD)
+
+    def now(self) -> Any:
+        self._maybe_park("park_now")
+        return super().now()
+
+    def monotonic(self) -> float:
+        self._maybe_park("park_monotonic")
+        return super().monotonic()
+
+
+# Workers used only here.
+
+
+class _Gate:
+    """Events that a gated worker waits on, and the thread that ran it."""
+
+    by_name: ClassVar[dict[str, _Gate]] = {}
+
+    def __init__(self) -> None:
+        self.name = _name("gate")
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.by_name[self.name] = self
+
+
+class TimedGateWorker(Worker):
+    """Blocks until its gate opens; each attempt may run 1 s (clock time)."""
+
+    max_attempts = 1
+
+    def timeout(self, job: Job) -> float:
+        return 1
+
+    def perform(self, job: Job) -> str:
+        gate = _Gate.by_name[job.args["gate"]]
+        gate.thread = threading.current_thread()
+        gate.entered.set()
+        gate.release.wait(HANG_GUARD)
+        return "finished after the timeout"
+
+
+class RaisesJobTimeoutWorker(Worker):
+    """Raises stagehand.JobTimeout itself, with no timeout() configured."""
+
+    max_attempts = 1
+    threads: ClassVar[dict[str, threading.Thread]] = {}
+
+    def perform(self, job: Job) -> None:
+        self.threads[job.id] = threading.current_thread()  # type: ignore[index]
+        raise JobTimeout("the upstream API timed out")
+
+
+class HugeSnoozeWorker(Worker):
+    """Snoozes for 10**12 s (about 31,700 years), a finite number of seconds."""
+
+    def perform(self, job: Job) -> Snooze:
+        return Snooze(1e12)
+
+
+class HugeBackoffWorker(Worker):
+    """Fails, with a backoff of 10**12 s, a finite number of seconds."""
+
+    max_attempts = 2
+
+    def backoff(self, job: Job) -> float:
+        return 1e12
+
+    def perform(self, job: Job) -> None:
+        raise RuntimeError("fails")
+
+
+class UniqueChildWorker(Worker):
+    unique = True
+
+    def perform(self, job: Job) -> str:
+        return "child"
+
+
+class UniqueParentWorker(Worker):
+    """A unique job that inserts another unique job into its own instance."""
+
+    unique = True
+
+    def perform(self, job: Job) -> str:
+        instance = stagehand.get_instance(job.args["instance"])
+        assert instance is not None
+        return instance.insert(UniqueChildWorker.new({})).state.value
+
+
+class StopsItsInstanceWorker(Worker):
+    """Stops the instance that runs it, then returns."""
+
+    def perform(self, job: Job) -> str:
+        instance = stagehand.get_instance(job.args["instance"])
+        assert instance is not None
+        instance.stop()
+        return "stopped"
+
+
+# Timeouts and the claim race.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="JobTimeout is raised after the worker thread already gave up the "
+    "attempt; it lands inside the queue lock and deadlocks the queue",
+)
+def test_timeout_firing_as_perform_returns_leaves_queue_usable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Expected: the queue keeps working; actual: JobTimeout lands inside the queue lock and the queue deadlocks."""
+    # The timeout's callback claims the attempt, records it, and only then
+    # raises JobTimeout in the worker thread. Here perform returns in between
+    # (as it does by chance when a job ends near its deadline): the worker
+    # thread loses the claim, clears pending exceptions and leaves; the late
+    # JobTimeout then hits it in `_work_loop`'s ``with cond:``. Without the
+    # holds below, this happened within the first 11 of 3,000 jobs whose
+    # perform takes about as long as their timeout (0.002 s), in 5 of 5 runs.
+    clock = FakeClock()
+    instance = Stagehand(
+        name=_name("claim"), clock=clock, queues={"default": 1}, shutdown_grace_period=0
+    ).start()
+    queue = instance._queues["default"]
+    gate = _Gate()
+    held = threading.Event()
+    handler_id = _name("handler")
+    job = instance.insert(TimedGateWorker.new({"gate": gate.name}))
+    assert gate.entered.wait(HANG_GUARD)
+    worker_thread = gate.thread
+    assert worker_thread is not None
+
+    def worker_waits_for_queue_lock() -> bool:
+        if not worker_thread.is_alive():
+            return True
+        frame = sys._current_frames().get(worker_thread.ident)  # type: ignore[arg-type]
+        return (
+            frame is not None
+            and frame.f_code.co_name == "__enter__"
+            and frame.f_back is not None
+            and frame.f_back.f_code.co_name == "_work_loop"
+        )
+
+    def on_stop(event: str, measurements: Any, metadata: Any) -> None:
+        # Runs in the scheduler thread, inside the timeout's callback, after
+        # the claim and before JobTimeout is raised in the worker thread.
+        if metadata["job"] is not job:
+            return
+        queue.cond.acquire()
+        held.set()
+        gate.release.set()
+        _wait_until(worker_waits_for_queue_lock, guard=10)
+
+    def release_queue_lock() -> None:
+        # Same due time as the timeout, queued after it: runs right after
+        # the callback has raised JobTimeout in the worker thread.
+        if held.is_set():
+            queue.cond.release()
+
+    events.attach(handler_id, ["job.stop"], on_stop)
+    instance._scheduler.call_at(clock.monotonic() + 1, release_queue_lock)  # type: ignore[union-attr]
+    healthy = False
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="stagehand"):
+            clock.advance(1)
+            _wait_until(lambda: not worker_thread.is_alive() or bool(_crashes(caplog)))
+            assert _crashes(caplog) == []
+            assert queue.cond.acquire(timeout=10), "the queue lock is held forever"
+            queue.cond.release()
+            healthy = True
+            assert job.state is JobState.DISCARDED
+            stats = instance.check_queue("default")
+            assert (stats["executing"], stats["stuck"], stats["threads"]) == (0, 0, 1)
+    finally:
+        events.detach(handler_id)
+        gate.release.set()
+        if healthy:
+            instance.stop()
+        else:
+            _forget(instance)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="run() treats any JobTimeout from perform as 'the timeout took the "
+    "attempt' without checking the claim",
+)
+def test_perform_raising_job_timeout_itself_fails_the_attempt() -> None:
+    """Expected: a JobTimeout raised by perform (no timeout set) fails the attempt; actual: the job stays executing forever and its thread exits."""
+    threads = RaisesJobTimeoutWorker.threads
+    with running(queues={"default": 2}, shutdown_grace_period=0) as instance:
+        job = instance.insert(RaisesJobTimeoutWorker.new({}))
+        # A fixed engine finishes the job; the broken one ends the thread.
+        _wait_until(
+            lambda: (
+                job.is_final or (job.id in threads and not threads[job.id].is_alive())
+            )
+        )
+        assert job.state is JobState.DISCARDED
+        assert "JobTimeout" in job.errors[-1]["error"]
+
+
+@pytest.mark.parametrize("worker", [HugeSnoozeWorker, HugeBackoffWorker])
+@pytest.mark.xfail(
+    strict=True,
+    reason="now + timedelta(seconds=delay) overflows in the worker thread; the "
+    "thread crashes and the job is never handed to the scheduler",
+)
+def test_huge_finite_snooze_or_backoff_keeps_the_job(
+    worker: type[Worker], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Expected: Snooze(1e12) / backoff 1e12 s keeps the job waiting (or is rejected); actual: OverflowError crashes the worker thread, the job is lost and `executing` stays 1."""
+    with (
+        caplog.at_level(logging.CRITICAL, logger="stagehand"),
+        running(queues={"default": 1}, shutdown_grace_period=0) as instance,
+        watching() as watcher,
+    ):
+        job = instance.insert(worker.new({}))
+        sentinel = instance.insert(EchoWorker.new({}))
+        watcher.wait_final(sentinel)
+        instance.pause_queue("default")
+
+        assert _crashes(caplog) == []
+        # A job the scheduler holds can be made available now.
+        assert instance.retry_job(job.id).state is JobState.AVAILABLE  # type: ignore[arg-type]
+
+
+# Validation: bad input that half-works or raises the wrong error.
+
+
+@pytest.mark.parametrize(
+    "schedule_in", [1e12, 10**400, (1e8, "days")], ids=["1e12", "10**400", "1e8 days"]
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="normalize_schedule_in checks only isfinite; the datetime overflow "
+    "surfaces later as OverflowError",
+)
+def test_schedule_in_beyond_datetime_range_is_rejected_by_new(schedule_in: Any) -> None:
+    """Expected: Worker.new raises InvalidOption; actual: 1e12 is accepted (insert then raises OverflowError), 10**400 raises OverflowError."""
+    with pytest.raises(InvalidOption, match="schedule_in"):
+        EchoWorker.new({}, schedule_in=schedule_in)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_enqueue_batch stamps and lists jobs one by one; a later job's "
+    "OverflowError leaves the earlier ones listed but never queued",
+)
+def test_insert_all_that_raises_leaves_no_job_behind() -> None:
+    """Expected: insert_all raises InvalidOption and lists no job; actual: OverflowError, and the first job stays listed as available though no queue holds it."""
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        first = EchoWorker.new({})
+        try:
+            second = EchoWorker.new({}, schedule_in=1e12)
+        except InvalidOption:
+            return  # rejected when built, so nothing can be half-inserted
+        with pytest.raises((InvalidOption, OverflowError)) as raised:
+            instance.insert_all([first, second])
+
+        assert instance.jobs() == []
+        assert isinstance(raised.value, InvalidOption)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="normalize_json_dict catches TypeError and ValueError only; the "
+    "JSON encoder raises RecursionError",
+)
+def test_args_nested_too_deep_raise_invalid_option() -> None:
+    """Expected: InvalidOption naming args; actual: RecursionError from the JSON encoder."""
+    tree: dict[str, Any] = {}
+    for _ in range(100_000):
+        tree = {"a": tree}
+    with pytest.raises(InvalidOption, match="args"):
+        EchoWorker.new({"tree": tree})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Stagehand.insert validates only queue and worker; a hand-built "
+    "Job's priority, args, max_attempts and unique are not checked",
+)
+def test_insert_rejects_hand_built_job_with_invalid_priority() -> None:
+    """Expected: insert(Job(..., priority="urgent")) raises InvalidOption and enqueues nothing; actual: accepted (a str priority later kills the scheduler thread)."""
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        job = Job(worker=worker_path(EchoWorker), args={}, priority="urgent")  # type: ignore[arg-type]
+        with pytest.raises(InvalidOption, match="priority"):
+            instance.insert(job)
+        assert instance.jobs() == []
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf])
+@pytest.mark.xfail(
+    strict=True,
+    reason="FakeClock.advance checks seconds < 0 only; it moves the clock and "
+    "then now() fails",
+)
+def test_fake_clock_advance_rejects_non_finite_seconds(seconds: float) -> None:
+    """Expected: ValueError and the clock unchanged; actual: the clock moves to nan/inf and now() fails from then on."""
+    clock = FakeClock()
+    before = clock.now()
+    with pytest.raises(ValueError, match="seconds"):
+        clock.advance(seconds)
+    assert clock.now() == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Queue.wait_idle passes the remaining grace period to Condition.wait, "
+    "which rejects values above threading.TIMEOUT_MAX",
+)
+def test_stop_with_grace_period_beyond_lock_timeout_waits_for_job() -> None:
+    """Expected: stop() waits for the executing job (shutdown_grace_period=1e10 is accepted); actual: stop() raises OverflowError at once and leaves the scheduler thread running."""
+    entered, release = BlockingWorker.gate(_name("grace"))
+    gate_name = next(
+        name for name, value in BlockingWorker.gates.items() if value[0] is entered
+    )
+    instance = Stagehand(name=_name("grace"), shutdown_grace_period=1e10).start()
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            instance.stop()
+        except BaseException as error:
+            errors.append(error)
+
+    job = instance.insert(BlockingWorker.new({"gate": gate_name}))
+    assert entered.wait(HANG_GUARD)
+    stopper = threading.Thread(target=stop, daemon=True)
+    stopper.start()
+    try:
+        _wait_until(lambda: not stopper.is_alive() or _in_call(stopper, "wait_idle"))
+    finally:
+        release.set()
+    stopper.join(HANG_GUARD)
+
+    assert errors == []
+    assert job.state is JobState.COMPLETED
+    scheduler = instance._scheduler
+    assert scheduler is not None and not scheduler._thread.is_alive()  # type: ignore[union-attr]
+
+
+# Races with stop() and with jobs that finish.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="insert checks the state, then enqueues without a lock that stop() "
+    "takes; stop() can close the queues in between",
+)
+def test_insert_racing_stop_is_rejected_or_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Expected: an insert that passed its state check as stop() began raises ShuttingDown, or its job runs or is counted as lost; actual: it returns an available job on a stopped instance, never run and never counted."""
+    clock = _ParkingClock()
+    instance = Stagehand(name=_name("insert-stop"), clock=clock).start()
+    outcome: list[Any] = []
+
+    def insert() -> None:
+        try:
+            outcome.append(instance.insert(EchoWorker.new({})))
+        except ShuttingDown as error:
+            outcome.append(error)
+
+    inserter = threading.Thread(target=insert, name=_name("inserter"), daemon=True)
+    clock.park_now = lambda thread: thread is inserter
+    with caplog.at_level(logging.WARNING, logger="stagehand"):
+        inserter.start()
+        try:
+            # The insert has passed its state check and waits to stamp the job.
+            assert clock.parked.wait(HANG_GUARD)
+            stopper = threading.Thread(target=instance.stop, daemon=True)
+            stopper.start()
+            stopper.join(2)  # a fixed stop() may wait for the insert instead
+        finally:
+            clock.resume.set()
+        inserter.join(HANG_GUARD)
+        stopper.join(HANG_GUARD)
+
+    assert not instance.running
+    assert len(outcome) == 1
+    counted = any("stopped with 1 available" in r.getMessage() for r in caplog.records)
+    result = outcome[0]
+    assert isinstance(result, ShuttingDown) or result.is_final or counted
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_finish pops the job from _live before adding it to the retained "
+    "jobs; get_job sees neither",
+)
+def test_get_job_finds_a_job_while_it_finishes() -> None:
+    """Expected: get_job returns an inserted job at every moment of its retention; actual: None (and cancel_job raises JobNotFound) while the job moves from live to retained."""
+    clock = _ParkingClock()
+    queue = _name("finishing")
+    instance = Stagehand(
+        name=_name("finishing"), clock=clock, queues={queue: 1}
+    ).start()
+    # The worker thread reads the monotonic clock first when it retains
+    # the finished job, after it has dropped it from the live jobs.
+    clock.park_monotonic = lambda thread: thread.name.startswith(f"stagehand-{queue}-")
+    try:
+        job = instance.insert(EchoWorker.new({}, queue=queue))
+        assert clock.parked.wait(HANG_GUARD)
+        assert job.state is JobState.COMPLETED
+        assert instance.get_job(job.id) is job  # type: ignore[arg-type]
+        assert job in instance.jobs()
+    finally:
+        clock.resume.set()
+        instance.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Queue.executing drops only when the worker thread loops back for "
+    "its next job, after the outcome is recorded",
+)
+def test_check_queue_counts_a_finished_job_once() -> None:
+    """Expected: in job.stop the finished job counts as completed only; actual: check_queue counts it as executing and completed at once."""
+    seen: list[dict[str, Any]] = []
+    handler_id = _name("check-queue")
+    with running(queues={"default": 1}) as instance, watching() as watcher:
+
+        def on_stop(event: str, measurements: Any, metadata: Any) -> None:
+            if metadata["instance"] == instance.name:
+                seen.append(instance.check_queue("default"))
+
+        events.attach(handler_id, ["job.stop"], on_stop)
+        try:
+            job = instance.insert(EchoWorker.new({}))
+            watcher.wait_final(job)
+        finally:
+            events.detach(handler_id)
+
+    assert (seen[0]["executing"], seen[0]["completed"]) == (0, 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="stop() waits for every executing job, the caller's own included, "
+    "then abandons it",
+)
+def test_stop_called_from_a_job_lets_that_job_complete() -> None:
+    """Expected: a job that calls stop() completes; actual: stop() waits the whole grace period for the job that called it, then discards it as abandoned."""
+    with watching():
+        name = _name("self-stop")
+        instance = Stagehand(name=name, shutdown_grace_period=1).start()
+        job = instance.insert(StopsItsInstanceWorker.new({"instance": name}))
+        assert _wait_until(lambda: job.is_final)
+
+    assert job.state is JobState.COMPLETED, job.errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="retry_job does not check the instance state; it pushes the job into "
+    "a closed queue",
+)
+def test_retry_job_on_a_stopped_instance_raises() -> None:
+    """Expected: retry_job after stop() raises ShuttingDown and the job stays discarded; actual: it returns the job as available, and it never runs."""
+    with watching() as watcher:
+        with running() as instance:
+            job = instance.insert(FailingWorker.new({}, max_attempts=1))
+            watcher.wait_final(job)
+
+        with pytest.raises(StagehandError):
+            instance.retry_job(job.id)  # type: ignore[arg-type]
+        assert job.state is JobState.DISCARDED
+
+
+# Queue order and drain.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cancel_job leaves the job's heap entry in place; retry_job adds a "
+    "second one, and the older entry runs the job at its old position",
+)
+def test_cancelled_then_retried_job_runs_after_jobs_available_before_it() -> None:
+    """Expected: A (cancelled, then retried) runs after B, which became available first; actual: A runs first, from its stale heap entry."""
+    with (
+        running(queues={"default": {"limit": 1, "paused": True}}) as instance,
+        watching() as watcher,
+    ):
+        first = instance.insert(RecordingWorker.new({"label": "A"}))
+        second = instance.insert(RecordingWorker.new({"label": "B"}))
+        instance.cancel_job(first.id)  # type: ignore[arg-type]
+        instance.retry_job(first.id)  # type: ignore[arg-type]
+        instance.resume_queue("default")
+        watcher.wait_final(first, second)
+
+    with RUN_LOCK:
+        order = [label for job_id, label in RUNS if job_id in (first.id, second.id)]
+    assert order == ["B", "A"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="drain returns every heap entry whose job is available, stale ones included",
+)
+def test_drain_queue_returns_each_job_once_after_cancel_and_retry() -> None:
+    """Expected: drain_queue returns the job once; actual: twice (its stale heap entry and its new one)."""
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        job = instance.insert(EchoWorker.new({}))
+        instance.cancel_job(job.id)  # type: ignore[arg-type]
+        instance.retry_job(job.id)  # type: ignore[arg-type]
+
+        assert instance.drain_queue("default") == [job]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="drain_queue removes the jobs but not their unique fingerprints; the "
+    "drained job still reads 'available' and blocks duplicates",
+)
+def test_drain_queue_releases_unique_fingerprints() -> None:
+    """Expected: after draining a unique job, inserting it again is not a conflict; actual: conflict=True with a job that no queue holds."""
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        drained = instance.insert(EchoWorker.new({"account": 7}, unique=True))
+        assert instance.drain_queue("default") == [drained]
+
+        again = instance.insert(EchoWorker.new({"account": 7}, unique=True))
+        assert not again.conflict
+        assert again.id != drained.id
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jobs() sorts by inserted_at alone; a batch shares one timestamp, so "
+    "retained jobs come before live ones",
+)
+def test_jobs_lists_an_insert_all_batch_in_insert_order() -> None:
+    """Expected: jobs() lists the batch oldest insert first, as given; actual: the finished second job comes before the executing first one."""
+    entered, release = BlockingWorker.gate(_name("batch"))
+    gate_name = next(
+        name for name, value in BlockingWorker.gates.items() if value[0] is entered
+    )
+    with running(queues={"default": 2}) as instance, watching() as watcher:
+        try:
+            first, second = instance.insert_all(
+                [BlockingWorker.new({"gate": gate_name}), EchoWorker.new({})]
+            )
+            assert entered.wait(HANG_GUARD)
+            watcher.wait_final(second)
+
+            assert instance.jobs() == [first, second]
+        finally:
+            release.set()
+
+
+# Testing modes and threads.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="inline mode runs the job inside UniqueTable.insert, under its "
+    "non-reentrant lock",
+)
+def test_inline_unique_job_inserting_a_unique_job_does_not_deadlock() -> None:
+    """Expected: the nested unique insert runs and the parent completes; actual: the inserting thread deadlocks on the unique table's lock."""
+    name = _name("inline")
+    instance = Stagehand(name=name, testing="inline").start()
+    results: list[Job] = []
+    inserter = threading.Thread(
+        target=lambda: results.append(
+            instance.insert(UniqueParentWorker.new({"instance": name}))
+        ),
+        daemon=True,
+    )
+    inserter.start()
+    inserter.join(10)
+    if inserter.is_alive():
+        _forget(instance)
+    else:
+        instance.stop()
+
+    assert not inserter.is_alive(), "the inline insert deadlocked"
+    assert results[0].result == "completed"
+
+
+@pytest.mark.parametrize("mode", ["manual", "inline", "not started"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="Queue.scale spawns threads whenever the queue is not closed, "
+    "whether or not the instance runs jobs in threads",
+)
+def test_scale_queue_starts_no_thread_where_no_job_runs_in_threads(mode: str) -> None:
+    """Expected: scale_queue on a manual, inline or not-started instance starts no thread; actual: it starts real worker threads (which leak forever when the instance never started)."""
+    queue = _name("scale")
+    testing = "disabled" if mode == "not started" else mode
+    instance = Stagehand(name=_name("scale"), testing=testing, queues={queue: 1})
+    if mode != "not started":
+        instance.start()
+    try:
+        instance.scale_queue(queue, 3)
+        threads = [
+            t.name
+            for t in threading.enumerate()
+            if t.name.startswith(f"stagehand-{queue}-")
+        ]
+        assert threads == []
+    finally:
+        instance.stop()
+        # stop() on a never-started instance does not close its queues.
+        for worker_queue in instance._queues.values():
+            worker_queue.close()
+
+
+# Events.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="events.emit catches Exception only; a BaseException from a handler "
+    "escapes _begin and crashes the worker thread",
+)
+def test_event_handler_raising_system_exit_does_not_break_the_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Expected: the handler is detached and logged, the job completes; actual: the worker thread crashes, the job stays executing and the handler stays attached."""
+    handler_id = _name("exits")
+
+    def exits(event: str, measurements: Any, metadata: Any) -> None:
+        raise SystemExit("handler called sys.exit()")
+
+    with (
+        caplog.at_level(logging.CRITICAL, logger="stagehand"),
+        running(queues={"default": 1}, shutdown_grace_period=0) as instance,
+    ):
+        events.attach(handler_id, ["job.start"], exits)
+        try:
+            job = instance.insert(EchoWorker.new({}))
+            _wait_until(lambda: job.is_final or bool(_crashes(caplog)))
+            attached = handler_id in events.handlers()
+        finally:
+            events.detach(handler_id)
+
+    assert _crashes(caplog) == []
+    assert job.state is JobState.COMPLETED
+    assert not attached
