@@ -6,8 +6,8 @@ fixed: then remove the marker. Each docstring gives the expected behaviour,
 then the actual one.
 
 Some tests reach into internals (a queue's condition, the scheduler's timer
-heap, a clock that parks one thread) only to hold a race open at an exact
-point; the behaviour they check is public.
+heap, a clock that parks one thread) to hold a race open at an exact point.
+The behaviour they check is public.
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ class _ParkingClock(SystemClock):
         self.parked = threading.Event()
         self.resume = threading.Event()
 
-    def _maybe_park(self, which: str) -> None:
-        predicate = getattr(self, which)
+    def _maybe_park(self, attribute: str) -> None:
+        predicate = getattr(self, attribute)
         if predicate is not None and predicate(threading.current_thread()):
-            setattr(self, which, None)
+            setattr(self, attribute, None)
             self.parked.set()
             self.resume.wait(HANG_GUARD)
 
@@ -223,15 +223,15 @@ class StopsItsInstanceWorker(Worker):
     reason="JobTimeout is raised after the worker thread already gave up the "
     "attempt; it lands inside the queue lock and deadlocks the queue",
 )
-def test_timeout_firing_as_perform_returns_leaves_queue_usable(
+def test_timeout_at_return_keeps_queue_usable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Expected: the queue keeps working; actual: JobTimeout lands inside the queue lock and the queue deadlocks."""
     # The timeout's callback claims the attempt, records it, and only then
     # raises JobTimeout in the worker thread. Here perform returns in between
-    # (as it does by chance when a job ends near its deadline): the worker
-    # thread loses the claim, clears pending exceptions and leaves; the late
-    # JobTimeout then hits it in `_work_loop`'s ``with cond:``. Without the
+    # (as it does by chance when a job ends near its deadline). The worker
+    # thread loses the claim, clears pending exceptions and leaves, so the late
+    # JobTimeout hits it in `_work_loop`'s ``with cond:``. Without the
     # holds below, this happened within the first 11 of 3,000 jobs whose
     # perform takes about as long as their timeout (0.002 s), in 5 of 5 runs.
     clock = FakeClock()
@@ -240,7 +240,7 @@ def test_timeout_firing_as_perform_returns_leaves_queue_usable(
     ).start()
     queue = instance._queues["default"]
     gate = _Gate()
-    held = threading.Event()
+    lock_taken = threading.Event()
     handler_id = _name("handler")
     job = instance.insert(TimedGateWorker.new({"gate": gate.name}))
     assert gate.entered.wait(HANG_GUARD)
@@ -264,14 +264,14 @@ def test_timeout_firing_as_perform_returns_leaves_queue_usable(
         if metadata["job"] is not job:
             return
         queue.cond.acquire()
-        held.set()
+        lock_taken.set()
         gate.release.set()
         _wait_until(worker_waits_for_queue_lock, guard=10)
 
     def release_queue_lock() -> None:
         # Same due time as the timeout, queued after it: runs right after
         # the callback has raised JobTimeout in the worker thread.
-        if held.is_set():
+        if lock_taken.is_set():
             queue.cond.release()
 
     events.attach(handler_id, ["job.stop"], on_stop)
@@ -287,7 +287,9 @@ def test_timeout_firing_as_perform_returns_leaves_queue_usable(
             healthy = True
             assert job.state is JobState.DISCARDED
             stats = instance.check_queue("default")
-            assert (stats["executing"], stats["stuck"], stats["threads"]) == (0, 0, 1)
+            assert stats["executing"] == 0
+            assert stats["stuck"] == 0
+            assert stats["threads"] == 1
     finally:
         events.detach(handler_id)
         gate.release.set()
@@ -302,17 +304,18 @@ def test_timeout_firing_as_perform_returns_leaves_queue_usable(
     reason="run() treats any JobTimeout from perform as 'the timeout took the "
     "attempt' without checking the claim",
 )
-def test_perform_raising_job_timeout_itself_fails_the_attempt() -> None:
+def test_raised_job_timeout_fails_attempt() -> None:
     """Expected: a JobTimeout raised by perform (no timeout set) fails the attempt; actual: the job stays executing forever and its thread exits."""
     threads = RaisesJobTimeoutWorker.threads
     with running(queues={"default": 2}, shutdown_grace_period=0) as instance:
         job = instance.insert(RaisesJobTimeoutWorker.new({}))
-        # A fixed engine finishes the job; the broken one ends the thread.
-        _wait_until(
-            lambda: (
-                job.is_final or (job.id in threads and not threads[job.id].is_alive())
-            )
-        )
+
+        def settled() -> bool:
+            # A fixed engine finishes the job, and the broken one ends the thread.
+            thread = threads.get(job.id)  # type: ignore[arg-type]
+            return job.is_final or (thread is not None and not thread.is_alive())
+
+        _wait_until(settled)
         assert job.state is JobState.DISCARDED
         assert "JobTimeout" in job.errors[-1]["error"]
 
@@ -323,10 +326,10 @@ def test_perform_raising_job_timeout_itself_fails_the_attempt() -> None:
     reason="now + timedelta(seconds=delay) overflows in the worker thread; the "
     "thread crashes and the job is never handed to the scheduler",
 )
-def test_huge_finite_snooze_or_backoff_keeps_the_job(
+def test_huge_delay_keeps_job(
     worker: type[Worker], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Expected: Snooze(1e12) / backoff 1e12 s keeps the job waiting (or is rejected); actual: OverflowError crashes the worker thread, the job is lost and `executing` stays 1."""
+    """Expected: a 1e12 s snooze or backoff keeps the job waiting, or is rejected; actual: OverflowError crashes the worker thread and loses the job."""
     with (
         caplog.at_level(logging.CRITICAL, logger="stagehand"),
         running(queues={"default": 1}, shutdown_grace_period=0) as instance,
@@ -338,7 +341,7 @@ def test_huge_finite_snooze_or_backoff_keeps_the_job(
         instance.pause_queue("default")
 
         assert _crashes(caplog) == []
-        # A job the scheduler holds can be made available now.
+        # retry_job makes a job that waits in the scheduler available now.
         assert instance.retry_job(job.id).state is JobState.AVAILABLE  # type: ignore[arg-type]
 
 
@@ -353,7 +356,7 @@ def test_huge_finite_snooze_or_backoff_keeps_the_job(
     reason="normalize_schedule_in checks only isfinite; the datetime overflow "
     "surfaces later as OverflowError",
 )
-def test_schedule_in_beyond_datetime_range_is_rejected_by_new(schedule_in: Any) -> None:
+def test_new_rejects_overflowing_schedule_in(schedule_in: Any) -> None:
     """Expected: Worker.new raises InvalidOption; actual: 1e12 is accepted (insert then raises OverflowError), 10**400 raises OverflowError."""
     with pytest.raises(InvalidOption, match="schedule_in"):
         EchoWorker.new({}, schedule_in=schedule_in)
@@ -364,8 +367,8 @@ def test_schedule_in_beyond_datetime_range_is_rejected_by_new(schedule_in: Any) 
     reason="_enqueue_batch stamps and lists jobs one by one; a later job's "
     "OverflowError leaves the earlier ones listed but never queued",
 )
-def test_insert_all_that_raises_leaves_no_job_behind() -> None:
-    """Expected: insert_all raises InvalidOption and lists no job; actual: OverflowError, and the first job stays listed as available though no queue holds it."""
+def test_failed_insert_all_leaves_no_job() -> None:
+    """Expected: insert_all raises InvalidOption and lists no job; actual: OverflowError, and the first job stays listed as available but is in no queue."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         first = EchoWorker.new({})
         try:
@@ -384,7 +387,7 @@ def test_insert_all_that_raises_leaves_no_job_behind() -> None:
     reason="normalize_json_dict catches TypeError and ValueError only; the "
     "JSON encoder raises RecursionError",
 )
-def test_args_nested_too_deep_raise_invalid_option() -> None:
+def test_deep_args_raise_invalid_option() -> None:
     """Expected: InvalidOption naming args; actual: RecursionError from the JSON encoder."""
     tree: dict[str, Any] = {}
     for _ in range(100_000):
@@ -398,7 +401,7 @@ def test_args_nested_too_deep_raise_invalid_option() -> None:
     reason="Stagehand.insert validates only queue and worker; a hand-built "
     "Job's priority, args, max_attempts and unique are not checked",
 )
-def test_insert_rejects_hand_built_job_with_invalid_priority() -> None:
+def test_insert_rejects_hand_built_priority() -> None:
     """Expected: insert(Job(..., priority="urgent")) raises InvalidOption and enqueues nothing; actual: accepted (a str priority later kills the scheduler thread)."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         job = Job(worker=worker_path(EchoWorker), args={}, priority="urgent")  # type: ignore[arg-type]
@@ -413,7 +416,7 @@ def test_insert_rejects_hand_built_job_with_invalid_priority() -> None:
     reason="FakeClock.advance checks seconds < 0 only; it moves the clock and "
     "then now() fails",
 )
-def test_fake_clock_advance_rejects_non_finite_seconds(seconds: float) -> None:
+def test_advance_rejects_non_finite_seconds(seconds: float) -> None:
     """Expected: ValueError and the clock unchanged; actual: the clock moves to nan/inf and now() fails from then on."""
     clock = FakeClock()
     before = clock.now()
@@ -427,7 +430,7 @@ def test_fake_clock_advance_rejects_non_finite_seconds(seconds: float) -> None:
     reason="Queue.wait_idle passes the remaining grace period to Condition.wait, "
     "which rejects values above threading.TIMEOUT_MAX",
 )
-def test_stop_with_grace_period_beyond_lock_timeout_waits_for_job() -> None:
+def test_stop_with_huge_grace_period_waits() -> None:
     """Expected: stop() waits for the executing job (shutdown_grace_period=1e10 is accepted); actual: stop() raises OverflowError at once and leaves the scheduler thread running."""
     entered, release = BlockingWorker.gate(_name("grace"))
     gate_name = next(
@@ -455,7 +458,8 @@ def test_stop_with_grace_period_beyond_lock_timeout_waits_for_job() -> None:
     assert errors == []
     assert job.state is JobState.COMPLETED
     scheduler = instance._scheduler
-    assert scheduler is not None and not scheduler._thread.is_alive()  # type: ignore[union-attr]
+    assert scheduler is not None
+    assert not scheduler._thread.is_alive()  # type: ignore[union-attr]
 
 
 # Races with stop() and with jobs that finish.
@@ -466,10 +470,10 @@ def test_stop_with_grace_period_beyond_lock_timeout_waits_for_job() -> None:
     reason="insert checks the state, then enqueues without a lock that stop() "
     "takes; stop() can close the queues in between",
 )
-def test_insert_racing_stop_is_rejected_or_counted(
+def test_insert_racing_stop_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Expected: an insert that passed its state check as stop() began raises ShuttingDown, or its job runs or is counted as lost; actual: it returns an available job on a stopped instance, never run and never counted."""
+    """Expected: an insert caught by stop() raises ShuttingDown, or its job runs or is counted as lost; actual: an available job that never runs and is not counted."""
     clock = _ParkingClock()
     instance = Stagehand(name=_name("insert-stop"), clock=clock).start()
     outcome: list[Any] = []
@@ -507,8 +511,8 @@ def test_insert_racing_stop_is_rejected_or_counted(
     reason="_finish pops the job from _live before adding it to the retained "
     "jobs; get_job sees neither",
 )
-def test_get_job_finds_a_job_while_it_finishes() -> None:
-    """Expected: get_job returns an inserted job at every moment of its retention; actual: None (and cancel_job raises JobNotFound) while the job moves from live to retained."""
+def test_get_job_finds_finishing_job() -> None:
+    """Expected: get_job finds a job throughout its retention; actual: None (and JobNotFound from cancel_job) while it moves from live to retained."""
     clock = _ParkingClock()
     queue = _name("finishing")
     instance = Stagehand(
@@ -533,7 +537,7 @@ def test_get_job_finds_a_job_while_it_finishes() -> None:
     reason="Queue.executing drops only when the worker thread loops back for "
     "its next job, after the outcome is recorded",
 )
-def test_check_queue_counts_a_finished_job_once() -> None:
+def test_check_queue_counts_finished_job_once() -> None:
     """Expected: in job.stop the finished job counts as completed only; actual: check_queue counts it as executing and completed at once."""
     seen: list[dict[str, Any]] = []
     handler_id = _name("check-queue")
@@ -550,7 +554,8 @@ def test_check_queue_counts_a_finished_job_once() -> None:
         finally:
             events.detach(handler_id)
 
-    assert (seen[0]["executing"], seen[0]["completed"]) == (0, 1)
+    assert seen[0]["completed"] == 1
+    assert seen[0]["executing"] == 0
 
 
 @pytest.mark.xfail(
@@ -558,7 +563,7 @@ def test_check_queue_counts_a_finished_job_once() -> None:
     reason="stop() waits for every executing job, the caller's own included, "
     "then abandons it",
 )
-def test_stop_called_from_a_job_lets_that_job_complete() -> None:
+def test_stop_from_job_completes_job() -> None:
     """Expected: a job that calls stop() completes; actual: stop() waits the whole grace period for the job that called it, then discards it as abandoned."""
     with watching():
         name = _name("self-stop")
@@ -574,7 +579,7 @@ def test_stop_called_from_a_job_lets_that_job_complete() -> None:
     reason="retry_job does not check the instance state; it pushes the job into "
     "a closed queue",
 )
-def test_retry_job_on_a_stopped_instance_raises() -> None:
+def test_retry_job_after_stop_raises() -> None:
     """Expected: retry_job after stop() raises ShuttingDown and the job stays discarded; actual: it returns the job as available, and it never runs."""
     with watching() as watcher:
         with running() as instance:
@@ -594,7 +599,7 @@ def test_retry_job_on_a_stopped_instance_raises() -> None:
     reason="cancel_job leaves the job's heap entry in place; retry_job adds a "
     "second one, and the older entry runs the job at its old position",
 )
-def test_cancelled_then_retried_job_runs_after_jobs_available_before_it() -> None:
+def test_retried_job_runs_after_earlier_jobs() -> None:
     """Expected: A (cancelled, then retried) runs after B, which became available first; actual: A runs first, from its stale heap entry."""
     with (
         running(queues={"default": {"limit": 1, "paused": True}}) as instance,
@@ -616,7 +621,7 @@ def test_cancelled_then_retried_job_runs_after_jobs_available_before_it() -> Non
     strict=True,
     reason="drain returns every heap entry whose job is available, stale ones included",
 )
-def test_drain_queue_returns_each_job_once_after_cancel_and_retry() -> None:
+def test_drain_returns_retried_job_once() -> None:
     """Expected: drain_queue returns the job once; actual: twice (its stale heap entry and its new one)."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         job = instance.insert(EchoWorker.new({}))
@@ -631,8 +636,8 @@ def test_drain_queue_returns_each_job_once_after_cancel_and_retry() -> None:
     reason="drain_queue removes the jobs but not their unique fingerprints; the "
     "drained job still reads 'available' and blocks duplicates",
 )
-def test_drain_queue_releases_unique_fingerprints() -> None:
-    """Expected: after draining a unique job, inserting it again is not a conflict; actual: conflict=True with a job that no queue holds."""
+def test_drain_releases_unique_fingerprints() -> None:
+    """Expected: after draining a unique job, inserting it again is not a conflict; actual: conflict=True with a job that is in no queue."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         drained = instance.insert(EchoWorker.new({"account": 7}, unique=True))
         assert instance.drain_queue("default") == [drained]
@@ -647,7 +652,7 @@ def test_drain_queue_releases_unique_fingerprints() -> None:
     reason="jobs() sorts by inserted_at alone; a batch shares one timestamp, so "
     "retained jobs come before live ones",
 )
-def test_jobs_lists_an_insert_all_batch_in_insert_order() -> None:
+def test_jobs_lists_batch_in_order() -> None:
     """Expected: jobs() lists the batch oldest insert first, as given; actual: the finished second job comes before the executing first one."""
     entered, release = BlockingWorker.gate(_name("batch"))
     gate_name = next(
@@ -674,7 +679,7 @@ def test_jobs_lists_an_insert_all_batch_in_insert_order() -> None:
     reason="inline mode runs the job inside UniqueTable.insert, under its "
     "non-reentrant lock",
 )
-def test_inline_unique_job_inserting_a_unique_job_does_not_deadlock() -> None:
+def test_inline_nested_unique_insert_completes() -> None:
     """Expected: the nested unique insert runs and the parent completes; actual: the inserting thread deadlocks on the unique table's lock."""
     name = _name("inline")
     instance = Stagehand(name=name, testing="inline").start()
@@ -702,8 +707,8 @@ def test_inline_unique_job_inserting_a_unique_job_does_not_deadlock() -> None:
     reason="Queue.scale spawns threads whenever the queue is not closed, "
     "whether or not the instance runs jobs in threads",
 )
-def test_scale_queue_starts_no_thread_where_no_job_runs_in_threads(mode: str) -> None:
-    """Expected: scale_queue on a manual, inline or not-started instance starts no thread; actual: it starts real worker threads (which leak forever when the instance never started)."""
+def test_scale_queue_starts_no_stray_threads(mode: str) -> None:
+    """Expected: scale_queue on a manual, inline or unstarted instance starts no thread; actual: it starts worker threads, leaked for good if the instance never starts."""
     queue = _name("scale")
     testing = "disabled" if mode == "not started" else mode
     instance = Stagehand(name=_name("scale"), testing=testing, queues={queue: 1})
@@ -732,7 +737,7 @@ def test_scale_queue_starts_no_thread_where_no_job_runs_in_threads(mode: str) ->
     reason="events.emit catches Exception only; a BaseException from a handler "
     "escapes _begin and crashes the worker thread",
 )
-def test_event_handler_raising_system_exit_does_not_break_the_job(
+def test_handler_system_exit_spares_job(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Expected: the handler is detached and logged, the job completes; actual: the worker thread crashes, the job stays executing and the handler stays attached."""
