@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from stagehand import events
-from stagehand._job import Cancel, Error, Job, JobState, Snooze
+from stagehand._job import MAX_DELAY, Cancel, Error, Job, JobState, Snooze
 from stagehand._worker import Worker, default_backoff
 from stagehand.exceptions import JobTimeout
 
@@ -30,10 +30,8 @@ __all__ = ["Executor"]
 
 logger = logging.getLogger(__name__)
 
-_LOST = object()
-
-# PyThreadState_SetAsyncExc raises an exception in another thread at its next
-# Python bytecode. It cannot interrupt a blocking C call (time.sleep, socket
+# PyThreadState_SetAsyncExc raises an exception in another thread when it
+# next checks for pending work (between Python bytecodes). It cannot interrupt a blocking C call (time.sleep, socket
 # reads, C extensions), which sees the exception only once it returns.
 _raise_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
@@ -72,28 +70,46 @@ class Executor:
         worker = self._begin(job)
         claim: list[int] = job._claim  # type: ignore[assignment]
         started = time.perf_counter()
-        try:
-            if worker._stagehand_has_timeout:
-                self._arm_timeout(job, worker, queue, claim)
+        if worker._stagehand_has_timeout:
+            value, won = self._perform_with_timeout(job, worker, queue, claim)
+        else:
             try:
-                value: Any = worker.perform(job)
-            except JobTimeout:
-                value = _LOST
+                value = worker.perform(job)
             except BaseException as error:
                 value = error
-            won = value is not _LOST and _try_claim(claim)
-        except JobTimeout:
-            won = False
+            won = _try_claim(claim)
         if not won:
-            # A plain try/except, not contextlib.suppress: the pending
-            # exception may land at any bytecode, including a helper's.
-            try:  # noqa: SIM105
-                _clear_in_thread(threading.get_ident(), None)
-            except JobTimeout:
-                pass
             return True
         self.record(job, worker, value, time.perf_counter() - started)
         return False
+
+    def _perform_with_timeout(
+        self, job: Job, worker: Worker, queue: Queue | None, claim: list[int]
+    ) -> tuple[Any, bool]:
+        # The timeout raises JobTimeout in this thread only while `performing`
+        # is set, checked and cleared under `guard`. Once it is cleared, a
+        # JobTimeout still pending is cleared too, so none can land after
+        # this method returns, in the queue's own locking code. A JobTimeout
+        # that lands anywhere in here means the timeout owns the attempt.
+        guard = threading.Lock()
+        performing = [True]
+        value: Any = None
+        try:
+            self._arm_timeout(job, worker, queue, claim, guard, performing)
+            try:
+                value = worker.perform(job)
+            except BaseException as error:
+                value = error
+            with guard:
+                performing[0] = False
+            _clear_in_thread(threading.get_ident(), None)
+            # A JobTimeout the worker raised itself is an ordinary failure:
+            # the claim is still there to win.
+            won = _try_claim(claim)
+        except JobTimeout:
+            performing[0] = False
+            won = False
+        return value, won
 
     def _begin(self, job: Job) -> Worker:
         job.attempt += 1
@@ -109,7 +125,13 @@ class Executor:
         return worker_class()  # type: ignore[no-any-return]
 
     def _arm_timeout(
-        self, job: Job, worker: Worker, queue: Queue | None, claim: list[int]
+        self,
+        job: Job,
+        worker: Worker,
+        queue: Queue | None,
+        claim: list[int],
+        guard: threading.Lock,
+        performing: list[bool],
     ) -> None:
         try:
             seconds = worker.timeout(job)
@@ -140,8 +162,11 @@ class Executor:
         due = self._clock.monotonic() + seconds
 
         def expire() -> None:
-            if not _try_claim(claim):
-                return
+            with guard:
+                if not _try_claim(claim):
+                    return
+                if performing[0]:
+                    _raise_in_thread(thread_id, JobTimeout)
             if queue is not None:
                 queue.release_stuck_slot()
             logger.warning(
@@ -154,7 +179,6 @@ class Executor:
             )
             message = f"JobTimeout: attempt {job.attempt} ran longer than {seconds} s"
             self._fail(job, worker, "timeout", message, None, float(seconds))
-            _raise_in_thread(thread_id, JobTimeout)
 
         scheduler.call_at(due, expire)
 
@@ -258,6 +282,9 @@ class Executor:
         # A timeout was already logged, at WARNING, when it fired.
 
     def _snooze(self, job: Job, seconds: float, duration: float) -> None:
+        if job.cancel_requested:
+            self._cancel(job, "cancel requested while the job ran", duration)
+            return
         # A snooze does not use up an attempt: the attempt still counts, and
         # max_attempts grows by one to make up for it.
         monotonic = self._clock.monotonic()
@@ -300,6 +327,14 @@ class Executor:
                 delay,
             )
             return default_backoff(job.attempt)
+        if delay > MAX_DELAY:
+            logger.error(
+                "backoff() of job %s returned %r s, more than 100 years; using %r",
+                job.id,
+                delay,
+                MAX_DELAY,
+            )
+            return MAX_DELAY
         return float(delay)
 
     def _emit_stop(self, job: Job, duration: float) -> None:

@@ -416,8 +416,8 @@ class Stagehand:
         by_queue: dict[str, list[Job]] = {}
         scheduled: list[tuple[float, Job]] = []
         live = self._live
-        for job in batch:
-            delay = self._stamp(job, now)
+        delays = [self._stamp(job, now) for job in batch]
+        for job, delay in zip(batch, delays, strict=True):
             live[job.id] = job  # type: ignore[index]
             if delay > 0:
                 job.state = JobState.SCHEDULED

@@ -72,11 +72,19 @@ class Error:
     reason: Any = None
 
 
+# The longest delay accepted anywhere: 100 years, in seconds. Longer delays
+# would overflow datetime arithmetic near the year 9999.
+MAX_DELAY = 100 * 365 * 86_400.0
+
+
 def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds; got {value!r}")
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    if not 0 <= value <= MAX_DELAY:
+        raise ValueError(
+            f"{name} must be a number of seconds from 0 to {MAX_DELAY:.0f} "
+            f"(100 years); got {value!r}"
+        )
 
 
 # Job ids: a random per-process prefix and a counter. The prefix makes ids

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from stagehand._job import JobState
+from stagehand._job import MAX_DELAY, JobState
 from stagehand.exceptions import InvalidOption
 
 __all__ = [
@@ -119,12 +119,16 @@ def normalize_schedule_in(value: object) -> float:
         raise InvalidOption(
             f"schedule_in must be a number of seconds or (amount, unit); got {value!r}"
         )
-    if not math.isfinite(amount) or amount < 0:
+    try:
+        seconds = float(amount) * _UNITS[unit]
+    except OverflowError:
+        seconds = math.inf
+    if not 0 <= seconds <= MAX_DELAY:
         raise InvalidOption(
-            f"schedule_in must be a finite number >= 0; got {value!r}. "
+            f"schedule_in must be from 0 to 100 years; got {value!r}. "
             "To run a job now, leave schedule_in out."
         )
-    return float(amount) * _UNITS[unit]
+    return seconds
 
 
 def check_scheduled_at(value: object) -> datetime:
@@ -163,6 +167,10 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
         )
     try:
         decoded = _decoder.decode(_encoder.encode(value))
+    except RecursionError:
+        raise InvalidOption(
+            f"{name} is nested too deeply to encode as JSON; flatten it"
+        ) from None
     except (TypeError, ValueError) as error:
         raise InvalidOption(
             f"{name} must be JSON-serialisable; {error}. Convert the value to "

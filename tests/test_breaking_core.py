@@ -218,11 +218,6 @@ class StopsItsInstanceWorker(Worker):
 # Timeouts and the claim race.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobTimeout is raised after the worker thread already gave up the "
-    "attempt; it lands inside the queue lock and deadlocks the queue",
-)
 def test_timeout_at_return_keeps_queue_usable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -299,11 +294,6 @@ def test_timeout_at_return_keeps_queue_usable(
             _forget(instance)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run() treats any JobTimeout from perform as 'the timeout took the "
-    "attempt' without checking the claim",
-)
 def test_raised_job_timeout_fails_attempt() -> None:
     """Expected: a JobTimeout raised by perform (no timeout set) fails the attempt; actual: the job stays executing forever and its thread exits."""
     threads = RaisesJobTimeoutWorker.threads
@@ -321,11 +311,6 @@ def test_raised_job_timeout_fails_attempt() -> None:
 
 
 @pytest.mark.parametrize("worker", [HugeSnoozeWorker, HugeBackoffWorker])
-@pytest.mark.xfail(
-    strict=True,
-    reason="now + timedelta(seconds=delay) overflows in the worker thread; the "
-    "thread crashes and the job is never handed to the scheduler",
-)
 def test_huge_delay_keeps_job(
     worker: type[Worker], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -351,22 +336,12 @@ def test_huge_delay_keeps_job(
 @pytest.mark.parametrize(
     "schedule_in", [1e12, 10**400, (1e8, "days")], ids=["1e12", "10**400", "1e8 days"]
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_schedule_in checks only isfinite; the datetime overflow "
-    "surfaces later as OverflowError",
-)
 def test_new_rejects_overflowing_schedule_in(schedule_in: Any) -> None:
     """Expected: Worker.new raises InvalidOption; actual: 1e12 is accepted (insert then raises OverflowError), 10**400 raises OverflowError."""
     with pytest.raises(InvalidOption, match="schedule_in"):
         EchoWorker.new({}, schedule_in=schedule_in)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_enqueue_batch stamps and lists jobs one by one; a later job's "
-    "OverflowError leaves the earlier ones listed but never queued",
-)
 def test_failed_insert_all_leaves_no_job() -> None:
     """Expected: insert_all raises InvalidOption and lists no job; actual: OverflowError, and the first job stays listed as available but is in no queue."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
@@ -382,11 +357,6 @@ def test_failed_insert_all_leaves_no_job() -> None:
         assert isinstance(raised.value, InvalidOption)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_json_dict catches TypeError and ValueError only; the "
-    "JSON encoder raises RecursionError",
-)
 def test_deep_args_raise_invalid_option() -> None:
     """Expected: InvalidOption naming args; actual: RecursionError from the JSON encoder."""
     tree: dict[str, Any] = {}

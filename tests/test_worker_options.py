@@ -69,8 +69,8 @@ def test_args_are_copied_through_json() -> None:
         ({"priority": "1"}, "got '1'"),
         ({"max_attempts": 0}, "max_attempts must be an int >= 1; got 0"),
         ({"max_attempts": 1.5}, "got 1.5"),
-        ({"schedule_in": -1}, "schedule_in must be a finite number >= 0; got -1"),
-        ({"schedule_in": math.nan}, "finite number"),
+        ({"schedule_in": -1}, "schedule_in must be from 0 to 100 years; got -1"),
+        ({"schedule_in": math.nan}, "from 0 to 100 years"),
         (
             {"schedule_in": (5, "weeks")},
             "unit must be one of seconds, minutes, hours, days; got 'weeks'",
