@@ -7,12 +7,15 @@ injects a `FakeClock` makes all of them due at once with `advance()`.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
 from datetime import UTC, datetime, timedelta
 
 __all__ = ["Clock", "FakeClock", "SystemClock"]
+
+_MAX_FAKE_SECONDS = 1000 * 365 * 86_400.0
 
 
 class Clock:
@@ -116,6 +119,11 @@ class FakeClock(Clock):
             raise TypeError(f"seconds must be a number; got {seconds!r}")
         if seconds < 0:
             raise ValueError(f"a clock cannot go back; got seconds={seconds!r}")
+        if not math.isfinite(seconds) or self._elapsed + seconds > _MAX_FAKE_SECONDS:
+            raise ValueError(
+                f"seconds must be finite and keep the clock within 1,000 years of "
+                f"its start; got {seconds!r}"
+            )
         with self._lock:
             self._elapsed += float(seconds)
             waiting = list(self._waiting)
@@ -126,7 +134,11 @@ class FakeClock(Clock):
 
     def set(self, when: datetime) -> datetime:
         """Move time forward to the aware datetime `when`."""
-        if when.tzinfo is None or when.utcoffset() is None:
+        if (
+            not isinstance(when, datetime)
+            or when.tzinfo is None
+            or when.utcoffset() is None
+        ):
             raise ValueError(f"when must be an aware datetime; got {when!r}")
         delta = (when - self.now()).total_seconds()
         if delta < 0:

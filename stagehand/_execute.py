@@ -41,6 +41,14 @@ _clear_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void
 )
 
 
+_running = threading.local()
+
+
+def current_instance() -> Stagehand | None:
+    """Return the instance whose job the calling thread is running, if any."""
+    return getattr(_running, "instance", None)
+
+
 def _try_claim(claim: list[int]) -> bool:
     # list.pop() is one C call under the GIL, so of the worker thread and the
     # timeout, exactly one gets the item.
@@ -69,15 +77,20 @@ class Executor:
         """
         worker = self._begin(job)
         claim: list[int] = job._claim  # type: ignore[assignment]
+        outer = getattr(_running, "instance", None)
+        _running.instance = self._instance
         started = time.perf_counter()
-        if worker._stagehand_has_timeout:
-            value, won = self._perform_with_timeout(job, worker, queue, claim)
-        else:
-            try:
-                value = worker.perform(job)
-            except BaseException as error:
-                value = error
-            won = _try_claim(claim)
+        try:
+            if worker._stagehand_has_timeout:
+                value, won = self._perform_with_timeout(job, worker, queue, claim)
+            else:
+                try:
+                    value = worker.perform(job)
+                except BaseException as error:
+                    value = error
+                won = _try_claim(claim)
+        finally:
+            _running.instance = outer
         if not won:
             return True
         self.record(job, worker, value, time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
@@ -21,14 +22,14 @@ from stagehand._config import (
     build_settings,
     check_limit,
 )
-from stagehand._execute import Executor
+from stagehand._execute import Executor, current_instance
 from stagehand._job import Job, JobState, new_job_id
 from stagehand._leadership import FileLockLeadership, Leadership, SoloLeadership
 from stagehand._queue import Queue
 from stagehand._retention import Retention
 from stagehand._scheduler import Scheduler
 from stagehand._unique import UniqueTable
-from stagehand._worker import resolve_worker, worker_path
+from stagehand._worker import check_job_fields, resolve_worker, worker_path
 from stagehand.exceptions import (
     InvalidOption,
     JobNotFound,
@@ -211,9 +212,20 @@ class Stagehand:
         running then are abandoned, never started again, and logged by id.
         Jobs still queued or scheduled are lost, and their count is logged.
         """
+        if current_instance() is self and self._state == _RUNNING:
+            # Waiting here would wait for the calling job itself, so the stop
+            # runs in a thread of its own and this call returns at once.
+            logger.info(
+                "stop() called from a job of %r; stopping in the background", self.name
+            )
+            threading.Thread(
+                target=self.stop, name=f"stagehand-stop-{self.name}"
+            ).start()
+            return
         with self._lifecycle:
             if self._state == _NEW:
                 self._state = _STOPPED
+                self._close_queues()
                 self._stopped.set()
                 return
             if self._state != _RUNNING:
@@ -231,9 +243,9 @@ class Stagehand:
                 self.leadership.stop()
             self._close_queues()
             self._abandon(self._wait_for_executing())
-            self._count_lost()
             if self._scheduler is not None:
                 self._scheduler.stop()
+            self._count_lost()
         finally:
             _registry.unregister(self)
             atexit.unregister(self.stop)
@@ -326,9 +338,16 @@ class Stagehand:
             UnknownWorker: The job's worker cannot be found.
         """
         self.validate(job)
-        if job.unique is not None:
+        if job.unique is None:
+            return self._enqueue(job)
+        if self.testing != "inline":
             return self._unique.insert(job, self._enqueue)
-        return self._enqueue(job)
+        # The unique check holds a lock, and an inline job may insert jobs,
+        # so the inline run happens after the check releases it.
+        inserted = self._unique.insert(job, self._stamp_inline)
+        if inserted is job:
+            self._run_inline(job)
+        return inserted
 
     def insert_all(self, jobs: Iterable[Job]) -> list[Job]:
         """Insert several jobs; if any is invalid, none is inserted.
@@ -382,11 +401,15 @@ class Stagehand:
                 "queues={...} or pass queue=... to Worker.new()."
             )
         if job._worker_class is None:
+            # Built as Job(...) rather than Worker.new(), so nothing has
+            # checked its fields yet.
+            check_job_fields(job)
             job._worker_class = resolve_worker(job.worker)
 
     def _stamp(self, job: Job, now: Any) -> float:
         # Returns the delay in seconds before the job is due.
         job.id = new_job_id()
+        job._sequence = next(_insert_sequence)
         job.inserted_at = now
         job._instance = self
         if job.schedule_in is not None:
@@ -403,12 +426,27 @@ class Stagehand:
         if self.testing != "disabled":
             return self._enqueue_for_testing(job, delay)
         self._live[job.id] = job  # type: ignore[index]
-        if delay > 0:
-            job.state = JobState.SCHEDULED
-            self._scheduler.add_job(job, self.clock.monotonic() + delay)  # type: ignore[union-attr]
-        else:
-            self._queues[job.queue].push(job)
+        try:
+            if delay > 0:
+                job.state = JobState.SCHEDULED
+                self._scheduler.add_job(  # type: ignore[union-attr]
+                    job, self.clock.monotonic() + delay, new=True
+                )
+            else:
+                self._queues[job.queue].push(job)
+        except ShuttingDown:
+            # stop() finished between validate() and here.
+            self._unstamp([job])
+            raise
         return job
+
+    def _unstamp(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._live.pop(job.id, None)  # type: ignore[arg-type]
+            job.id = None
+            job.inserted_at = None
+            job.state = JobState.AVAILABLE
+            job._instance = None
 
     def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
         now = self.clock.now()
@@ -424,24 +462,41 @@ class Stagehand:
                 scheduled.append((monotonic + delay, job))
             else:
                 by_queue.setdefault(job.queue, []).append(job)
-        if scheduled:
-            self._scheduler.add_jobs(scheduled)  # type: ignore[union-attr]
+        try:
+            if scheduled:
+                self._scheduler.add_jobs(scheduled)  # type: ignore[union-attr]
+            for name in by_queue:
+                self._queues[name].ensure_open()
+        except ShuttingDown:
+            self._unstamp(batch)
+            raise
         for name, jobs in by_queue.items():
             self._queues[name].push_many(jobs)
         return batch
 
     def _enqueue_for_testing(self, job: Job, delay: float) -> Job:
         if self.testing == "inline":
-            # Inline runs ignore the schedule: the job runs now, in this thread.
-            job.state = JobState.EXECUTING
-            self._live[job.id] = job  # type: ignore[index]
-            self._executor.run(job, None)
+            self._stamped_for_inline(job)
+            self._run_inline(job)
             return job
         job.state = JobState.SCHEDULED if delay > 0 else JobState.AVAILABLE
         self._live[job.id] = job  # type: ignore[index]
         with self._recorded_changed:
             self._record_locked(job)
         return job
+
+    def _stamp_inline(self, job: Job) -> Job:
+        self._stamp(job, self.clock.now())
+        return self._stamped_for_inline(job)
+
+    def _stamped_for_inline(self, job: Job) -> Job:
+        # Inline runs ignore the schedule: the job runs now, in this thread.
+        job.state = JobState.EXECUTING
+        self._live[job.id] = job  # type: ignore[index]
+        return job
+
+    def _run_inline(self, job: Job) -> None:
+        self._executor.run(job, None)
 
     def _record_locked(self, job: Job) -> None:
         # The caller holds _recorded_lock.
@@ -461,8 +516,9 @@ class Stagehand:
             self._scheduler.add_job(job, due)
 
     def _finish(self, job: Job) -> None:
-        self._live.pop(job.id, None)  # type: ignore[arg-type]
+        # Retained first, so get_job never misses a job that is finishing.
         self._retained.add(job)
+        self._live.pop(job.id, None)  # type: ignore[arg-type]
 
     # Inspection
 
@@ -495,11 +551,13 @@ class Stagehand:
             raise InvalidOption(
                 f"worker must be a Worker subclass or its dotted path; got {worker!r}"
             )
-        found = self._retained.jobs()
-        found.extend(self._live.values())
+        # A job moving between the live and retained tables may be in both
+        # for a moment; keyed by id, it is listed once.
+        found = {job.id: job for job in self._retained.jobs()}
+        found.update(self._live)
         selected = [
             job
-            for job in found
+            for job in found.values()
             if (states is None or job.state in states)
             and (queue is None or job.queue == queue)
             and (path is None or job.worker == path)
@@ -520,11 +578,15 @@ class Stagehand:
         counts = {state: 0 for state in JobState}
         for job in self.jobs(queue=queue):
             counts[job.state] += 1
-        stats["scheduled"] = counts[JobState.SCHEDULED]
-        stats["retryable"] = counts[JobState.RETRYABLE]
-        if self.testing != "disabled":
-            stats["available"] = counts[JobState.AVAILABLE]
-            stats["executing"] = counts[JobState.EXECUTING]
+        # Counted from job states, so a job that just finished is counted as
+        # finished and not also as executing.
+        for state in (
+            JobState.AVAILABLE,
+            JobState.SCHEDULED,
+            JobState.RETRYABLE,
+            JobState.EXECUTING,
+        ):
+            stats[state.value] = counts[state]
         for state in (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED):
             stats[state.value] = counts[state]
         return stats
@@ -576,6 +638,8 @@ class Stagehand:
             drained = target.drain()
         for job in drained:
             self._live.pop(job.id, None)  # type: ignore[arg-type]
+            if job.unique is not None:
+                self._unique.forget(job)
         return drained
 
     def cancel_job(self, job_id: str) -> Job:
@@ -616,6 +680,11 @@ class Stagehand:
             JobNotFound: No live or retained job has this id.
         """
         job = self._require(job_id)
+        if self._state != _RUNNING:
+            raise ShuttingDown(
+                f"instance {self.name!r} is not running, so job {job_id} cannot "
+                "run again; retry it on a running instance"
+            )
         with self._locks_for(job):
             state = job.state
             if state in (JobState.AVAILABLE, JobState.EXECUTING):
@@ -688,4 +757,7 @@ def _check_states(
 
 
 def _insert_order(job: Job) -> Any:
-    return job.inserted_at
+    return job._sequence
+
+
+_insert_sequence = itertools.count(1)

@@ -152,6 +152,8 @@ class Job:
     # Bookkeeping that belongs to the instance running the job.
     _worker_class: Any = field(default=None, repr=False)
     _due: float = field(default=0.0, repr=False)
+    _sequence: int = field(default=0, repr=False)
+    _queue_seq: int = field(default=0, repr=False)
     _schedule_seq: int = field(default=0, repr=False)
     # Set when an attempt begins; see stagehand._execute for the race it settles.
     _claim: list[int] | None = field(default=None, repr=False)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from stagehand._job import Job, JobState
+from stagehand.exceptions import ShuttingDown
 
 __all__ = ["Queue"]
 
@@ -49,12 +50,14 @@ class Queue:
         self._threads = 0
         self._idle = 0
         self._closed = False
+        self._started = False
         self._thread_numbers = itertools.count(1)
 
     # Starting and stopping
 
     def start(self) -> None:
         with self.cond:
+            self._started = True
             self._spawn(self.limit - self._threads)
 
     def close(self) -> None:
@@ -70,7 +73,7 @@ class Queue:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     return False
-                self.cond.wait(remaining)
+                self.cond.wait(min(remaining, threading.TIMEOUT_MAX))
             return True
 
     def _spawn(self, count: int) -> None:
@@ -87,14 +90,33 @@ class Queue:
     # Jobs in and out
 
     def push(self, job: Job) -> None:
-        """Add one job to the heap and wake one idle thread."""
+        """Add one new job to the heap and wake one idle thread.
+
+        Raises:
+            ShuttingDown: The queue was closed by `stop()`.
+        """
         with self.cond:
+            self._check_open()
             self.push_locked(job)
+
+    def ensure_open(self) -> None:
+        """Raise ShuttingDown if `stop()` closed this queue."""
+        with self.cond:
+            self._check_open()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDown(
+                f"queue {self.name!r} is closed because its instance is stopping; "
+                "the job was not inserted"
+            )
 
     def push_locked(self, job: Job) -> None:
         """Add one job to the heap; the caller holds `cond`."""
         job.state = _AVAILABLE
-        heapq.heappush(self._heap, (job.priority, next(self._sequence), job))
+        sequence = next(self._sequence)
+        job._queue_seq = sequence
+        heapq.heappush(self._heap, (job.priority, sequence, job))
         self.available += 1
         if self._idle and not self.paused:
             self.cond.notify()
@@ -109,7 +131,9 @@ class Queue:
                 if job.state not in _PROMOTABLE:
                     continue
                 job.state = _AVAILABLE
-                heapq.heappush(heap, (job.priority, next(sequence), job))
+                number = next(sequence)
+                job._queue_seq = number
+                heapq.heappush(heap, (job.priority, number, job))
                 added += 1
             self.available += added
             if self._idle and not self.paused:
@@ -132,12 +156,12 @@ class Queue:
             entries = sorted(self._heap)
             self._heap.clear()
             self.available = 0
-        return [job for _, _, job in entries if job.state is _AVAILABLE]
+        return _current(entries)
 
     def snapshot_available(self) -> list[Job]:
         with self.cond:
             entries = sorted(self._heap)
-        return [job for _, _, job in entries if job.state is _AVAILABLE]
+        return _current(entries)
 
     # Control
 
@@ -154,7 +178,7 @@ class Queue:
         """Set the number of threads; extra threads exit when they go idle."""
         with self.cond:
             self.limit = limit
-            if not self._closed:
+            if self._started and not self._closed:
                 self._spawn(limit - self._threads)
             self.cond.notify_all()
 
@@ -231,8 +255,10 @@ class Queue:
                 cond.notify_all()
                 return None
             if heap and not self.paused:
-                job = heapq.heappop(heap)[2]
-                if job.state is not _AVAILABLE:
+                _, sequence, job = heapq.heappop(heap)
+                # A cancelled job, or an entry left behind when a cancelled
+                # job was retried, is skipped.
+                if job.state is not _AVAILABLE or job._queue_seq != sequence:
                     continue
                 job.state = _EXECUTING
                 self.available -= 1
@@ -241,3 +267,12 @@ class Queue:
             self._idle += 1
             cond.wait()
             self._idle -= 1
+
+
+def _current(entries: list[tuple[int, int, Job]]) -> list[Job]:
+    # Keeps the entries whose job is still available and queued by them.
+    return [
+        job
+        for _, sequence, job in entries
+        if job.state is _AVAILABLE and job._queue_seq == sequence
+    ]

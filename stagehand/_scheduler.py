@@ -18,6 +18,7 @@ from typing import Any
 
 from stagehand._clock import Clock
 from stagehand._job import Job, JobState
+from stagehand.exceptions import ShuttingDown
 
 __all__ = ["Scheduler"]
 
@@ -65,14 +66,26 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def add_job(self, job: Job, due: float) -> None:
-        """Hold `job` until the monotonic time `due`, then promote it."""
+    def add_job(self, job: Job, due: float, *, new: bool = False) -> None:
+        """Hold `job` until the monotonic time `due`, then promote it.
+
+        Raises:
+            ShuttingDown: `new` is true and the scheduler has stopped.
+        """
         with self.cond:
+            if new and self._stopped:
+                raise ShuttingDown(
+                    "the instance is stopping; the scheduled job was not inserted"
+                )
             self._push_locked(due, _JOB, job)
             self.waiting += 1
 
     def add_jobs(self, jobs: list[tuple[float, Job]]) -> None:
         with self.cond:
+            if self._stopped:
+                raise ShuttingDown(
+                    "the instance is stopping; the scheduled jobs were not inserted"
+                )
             for due, job in jobs:
                 self._push_locked(due, _JOB, job)
             self.waiting += len(jobs)
@@ -116,15 +129,20 @@ class Scheduler:
         ]
 
     def _run(self) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 due_jobs, timers = self._wait_for_due()
                 if due_jobs is None:
                     return
                 self._dispatch(due_jobs, timers)
-        except BaseException:
-            logger.critical("scheduler thread %r crashed", self._name, exc_info=True)
-            raise
+            except Exception:
+                # The thread carries on: every later scheduled job, retry and
+                # timeout depends on it.
+                logger.critical(
+                    "scheduler thread %r failed and continues",
+                    self._name,
+                    exc_info=True,
+                )
 
     def _wait_for_due(self) -> tuple[list[Job] | None, list[Callable[[], None]]]:
         heap = self._heap

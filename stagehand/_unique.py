@@ -77,6 +77,14 @@ class UniqueTable:
             self._cache[key] = inserted
             return inserted
 
+    def forget(self, job: Job) -> None:
+        """Remove the fingerprint of `job` if `job` is the one it blocks for."""
+        assert job.unique is not None
+        key = fingerprint(job)
+        with self._lock:
+            if self._cache.get(key) is job:
+                del self._cache[key]
+
     def __len__(self) -> int:
         with self._lock:
             self._cache.expire()

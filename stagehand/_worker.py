@@ -181,6 +181,25 @@ def apply_options(job: Job, options: dict[str, Any]) -> None:
         job.scheduled_at = _options.check_scheduled_at(options["scheduled_at"])
 
 
+def check_job_fields(job: Job) -> None:
+    """Validate and normalize the fields of a job built as ``Job(...)``.
+
+    `Worker.new` checks each option as it sets it; a hand-built job gets the
+    same checks here, at insert.
+    """
+    _options.check_queue_name(job.queue)
+    _options.check_priority(job.priority)
+    _options.check_max_attempts(job.max_attempts)
+    job.tags = _options.check_tags(job.tags)
+    job.args = _options.normalize_json_dict(job.args, "args")
+    job.meta = _options.normalize_json_dict(job.meta, "meta")
+    job.unique = _options.normalize_unique(job.unique)
+    if job.schedule_in is not None:
+        job.schedule_in = _options.normalize_schedule_in(job.schedule_in)
+    if job.scheduled_at is not None:
+        _options.check_scheduled_at(job.scheduled_at)
+
+
 def worker_path(cls: type) -> str:
     """Return the dotted path by which `resolve_worker` finds `cls`."""
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
+from stagehand.exceptions import JobTimeout
+
 __all__ = ["EVENTS", "attach", "detach", "emit", "handlers", "has_handlers"]
 
 logger = logging.getLogger(__name__)
@@ -119,7 +121,9 @@ def emit(
     for handler_id, handler in _by_event.get(event, ()):
         try:
             handler(event, measurements, metadata)
-        except Exception:
+        except (KeyboardInterrupt, JobTimeout):
+            raise
+        except BaseException:
             detach(handler_id)
             logger.exception(
                 "event handler %r raised on %r and was detached", handler_id, event

@@ -1,9 +1,8 @@
-"""Failing tests for bugs found by attacking the core engine.
+"""Regression tests for engine bugs found by attacking the core.
 
-Each test shows one broken behaviour and is marked ``xfail(strict=True)``, so
-the suite stays green while the bug exists and turns red (XPASS) once it is
-fixed: then remove the marker. Each docstring gives the expected behaviour,
-then the actual one.
+Each test pins one behaviour that was once broken: races between timeouts,
+stop, cancel, retry and the scheduler; overflowing delays; bad input that
+half-worked. Each docstring gives the expected behaviour, then the old one.
 
 Some tests reach into internals (a queue's condition, the scheduler's timer
 heap, a clock that parks one thread) to hold a race open at an exact point.
@@ -221,7 +220,7 @@ class StopsItsInstanceWorker(Worker):
 def test_timeout_at_return_keeps_queue_usable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Expected: the queue keeps working; actual: JobTimeout lands inside the queue lock and the queue deadlocks."""
+    """Expected: the queue keeps working; before the fix: JobTimeout lands inside the queue lock and the queue deadlocks."""
     # The timeout's callback claims the attempt, records it, and only then
     # raises JobTimeout in the worker thread. Here perform returns in between
     # (as it does by chance when a job ends near its deadline). The worker
@@ -295,7 +294,7 @@ def test_timeout_at_return_keeps_queue_usable(
 
 
 def test_raised_job_timeout_fails_attempt() -> None:
-    """Expected: a JobTimeout raised by perform (no timeout set) fails the attempt; actual: the job stays executing forever and its thread exits."""
+    """Expected: a JobTimeout raised by perform (no timeout set) fails the attempt; before the fix: the job stays executing forever and its thread exits."""
     threads = RaisesJobTimeoutWorker.threads
     with running(queues={"default": 2}, shutdown_grace_period=0) as instance:
         job = instance.insert(RaisesJobTimeoutWorker.new({}))
@@ -314,7 +313,7 @@ def test_raised_job_timeout_fails_attempt() -> None:
 def test_huge_delay_keeps_job(
     worker: type[Worker], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Expected: a 1e12 s snooze or backoff keeps the job waiting, or is rejected; actual: OverflowError crashes the worker thread and loses the job."""
+    """Expected: a 1e12 s snooze or backoff keeps the job waiting, or is rejected; before the fix: OverflowError crashes the worker thread and loses the job."""
     with (
         caplog.at_level(logging.CRITICAL, logger="stagehand"),
         running(queues={"default": 1}, shutdown_grace_period=0) as instance,
@@ -337,13 +336,13 @@ def test_huge_delay_keeps_job(
     "schedule_in", [1e12, 10**400, (1e8, "days")], ids=["1e12", "10**400", "1e8 days"]
 )
 def test_new_rejects_overflowing_schedule_in(schedule_in: Any) -> None:
-    """Expected: Worker.new raises InvalidOption; actual: 1e12 is accepted (insert then raises OverflowError), 10**400 raises OverflowError."""
+    """Expected: Worker.new raises InvalidOption; before the fix: 1e12 is accepted (insert then raises OverflowError), 10**400 raises OverflowError."""
     with pytest.raises(InvalidOption, match="schedule_in"):
         EchoWorker.new({}, schedule_in=schedule_in)
 
 
 def test_failed_insert_all_leaves_no_job() -> None:
-    """Expected: insert_all raises InvalidOption and lists no job; actual: OverflowError, and the first job stays listed as available but is in no queue."""
+    """Expected: insert_all raises InvalidOption and lists no job; before the fix: OverflowError, and the first job stays listed as available but is in no queue."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         first = EchoWorker.new({})
         try:
@@ -358,7 +357,7 @@ def test_failed_insert_all_leaves_no_job() -> None:
 
 
 def test_deep_args_raise_invalid_option() -> None:
-    """Expected: InvalidOption naming args; actual: RecursionError from the JSON encoder."""
+    """Expected: InvalidOption naming args; before the fix: RecursionError from the JSON encoder."""
     tree: dict[str, Any] = {}
     for _ in range(100_000):
         tree = {"a": tree}
@@ -366,13 +365,8 @@ def test_deep_args_raise_invalid_option() -> None:
         EchoWorker.new({"tree": tree})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Stagehand.insert validates only queue and worker; a hand-built "
-    "Job's priority, args, max_attempts and unique are not checked",
-)
 def test_insert_rejects_hand_built_priority() -> None:
-    """Expected: insert(Job(..., priority="urgent")) raises InvalidOption and enqueues nothing; actual: accepted (a str priority later kills the scheduler thread)."""
+    """Expected: insert(Job(..., priority="urgent")) raises InvalidOption and enqueues nothing; before the fix: accepted (a str priority later kills the scheduler thread)."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         job = Job(worker=worker_path(EchoWorker), args={}, priority="urgent")  # type: ignore[arg-type]
         with pytest.raises(InvalidOption, match="priority"):
@@ -381,13 +375,8 @@ def test_insert_rejects_hand_built_priority() -> None:
 
 
 @pytest.mark.parametrize("seconds", [math.nan, math.inf])
-@pytest.mark.xfail(
-    strict=True,
-    reason="FakeClock.advance checks seconds < 0 only; it moves the clock and "
-    "then now() fails",
-)
 def test_advance_rejects_non_finite_seconds(seconds: float) -> None:
-    """Expected: ValueError and the clock unchanged; actual: the clock moves to nan/inf and now() fails from then on."""
+    """Expected: ValueError and the clock unchanged; before the fix: the clock moves to nan/inf and now() fails from then on."""
     clock = FakeClock()
     before = clock.now()
     with pytest.raises(ValueError, match="seconds"):
@@ -395,13 +384,8 @@ def test_advance_rejects_non_finite_seconds(seconds: float) -> None:
     assert clock.now() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Queue.wait_idle passes the remaining grace period to Condition.wait, "
-    "which rejects values above threading.TIMEOUT_MAX",
-)
 def test_stop_with_huge_grace_period_waits() -> None:
-    """Expected: stop() waits for the executing job (shutdown_grace_period=1e10 is accepted); actual: stop() raises OverflowError at once and leaves the scheduler thread running."""
+    """Expected: stop() waits for the executing job (shutdown_grace_period=1e10 is accepted); before the fix: stop() raises OverflowError at once and leaves the scheduler thread running."""
     entered, release = BlockingWorker.gate(_name("grace"))
     gate_name = next(
         name for name, value in BlockingWorker.gates.items() if value[0] is entered
@@ -435,15 +419,10 @@ def test_stop_with_huge_grace_period_waits() -> None:
 # Races with stop() and with jobs that finish.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="insert checks the state, then enqueues without a lock that stop() "
-    "takes; stop() can close the queues in between",
-)
 def test_insert_racing_stop_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Expected: an insert caught by stop() raises ShuttingDown, or its job runs or is counted as lost; actual: an available job that never runs and is not counted."""
+    """Expected: an insert caught by stop() raises ShuttingDown, or its job runs or is counted as lost; before the fix: an available job that never runs and is not counted."""
     clock = _ParkingClock()
     instance = Stagehand(name=_name("insert-stop"), clock=clock).start()
     outcome: list[Any] = []
@@ -476,13 +455,8 @@ def test_insert_racing_stop_is_rejected(
     assert isinstance(result, ShuttingDown) or result.is_final or counted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_finish pops the job from _live before adding it to the retained "
-    "jobs; get_job sees neither",
-)
 def test_get_job_finds_finishing_job() -> None:
-    """Expected: get_job finds a job throughout its retention; actual: None (and JobNotFound from cancel_job) while it moves from live to retained."""
+    """Expected: get_job finds a job throughout its retention; before the fix: None (and JobNotFound from cancel_job) while it moves from live to retained."""
     clock = _ParkingClock()
     queue = _name("finishing")
     instance = Stagehand(
@@ -502,13 +476,8 @@ def test_get_job_finds_finishing_job() -> None:
         instance.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Queue.executing drops only when the worker thread loops back for "
-    "its next job, after the outcome is recorded",
-)
 def test_check_queue_counts_finished_job_once() -> None:
-    """Expected: in job.stop the finished job counts as completed only; actual: check_queue counts it as executing and completed at once."""
+    """Expected: in job.stop the finished job counts as completed only; before the fix: check_queue counts it as executing and completed at once."""
     seen: list[dict[str, Any]] = []
     handler_id = _name("check-queue")
     with running(queues={"default": 1}) as instance, watching() as watcher:
@@ -528,13 +497,8 @@ def test_check_queue_counts_finished_job_once() -> None:
     assert seen[0]["executing"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stop() waits for every executing job, the caller's own included, "
-    "then abandons it",
-)
 def test_stop_from_job_completes_job() -> None:
-    """Expected: a job that calls stop() completes; actual: stop() waits the whole grace period for the job that called it, then discards it as abandoned."""
+    """Expected: a job that calls stop() completes; before the fix: stop() waits the whole grace period for the job that called it, then discards it as abandoned."""
     with watching():
         name = _name("self-stop")
         instance = Stagehand(name=name, shutdown_grace_period=1).start()
@@ -544,13 +508,8 @@ def test_stop_from_job_completes_job() -> None:
     assert job.state is JobState.COMPLETED, job.errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry_job does not check the instance state; it pushes the job into "
-    "a closed queue",
-)
 def test_retry_job_after_stop_raises() -> None:
-    """Expected: retry_job after stop() raises ShuttingDown and the job stays discarded; actual: it returns the job as available, and it never runs."""
+    """Expected: retry_job after stop() raises ShuttingDown and the job stays discarded; before the fix: it returns the job as available, and it never runs."""
     with watching() as watcher:
         with running() as instance:
             job = instance.insert(FailingWorker.new({}, max_attempts=1))
@@ -564,13 +523,8 @@ def test_retry_job_after_stop_raises() -> None:
 # Queue order and drain.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cancel_job leaves the job's heap entry in place; retry_job adds a "
-    "second one, and the older entry runs the job at its old position",
-)
 def test_retried_job_runs_after_earlier_jobs() -> None:
-    """Expected: A (cancelled, then retried) runs after B, which became available first; actual: A runs first, from its stale heap entry."""
+    """Expected: A (cancelled, then retried) runs after B, which became available first; before the fix: A runs first, from its stale heap entry."""
     with (
         running(queues={"default": {"limit": 1, "paused": True}}) as instance,
         watching() as watcher,
@@ -587,12 +541,8 @@ def test_retried_job_runs_after_earlier_jobs() -> None:
     assert order == ["B", "A"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drain returns every heap entry whose job is available, stale ones included",
-)
 def test_drain_returns_retried_job_once() -> None:
-    """Expected: drain_queue returns the job once; actual: twice (its stale heap entry and its new one)."""
+    """Expected: drain_queue returns the job once; before the fix: twice (its stale heap entry and its new one)."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         job = instance.insert(EchoWorker.new({}))
         instance.cancel_job(job.id)  # type: ignore[arg-type]
@@ -601,13 +551,8 @@ def test_drain_returns_retried_job_once() -> None:
         assert instance.drain_queue("default") == [job]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drain_queue removes the jobs but not their unique fingerprints; the "
-    "drained job still reads 'available' and blocks duplicates",
-)
 def test_drain_releases_unique_fingerprints() -> None:
-    """Expected: after draining a unique job, inserting it again is not a conflict; actual: conflict=True with a job that is in no queue."""
+    """Expected: after draining a unique job, inserting it again is not a conflict; before the fix: conflict=True with a job that is in no queue."""
     with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
         drained = instance.insert(EchoWorker.new({"account": 7}, unique=True))
         assert instance.drain_queue("default") == [drained]
@@ -617,13 +562,8 @@ def test_drain_releases_unique_fingerprints() -> None:
         assert again.id != drained.id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs() sorts by inserted_at alone; a batch shares one timestamp, so "
-    "retained jobs come before live ones",
-)
 def test_jobs_lists_batch_in_order() -> None:
-    """Expected: jobs() lists the batch oldest insert first, as given; actual: the finished second job comes before the executing first one."""
+    """Expected: jobs() lists the batch oldest insert first, as given; before the fix: the finished second job comes before the executing first one."""
     entered, release = BlockingWorker.gate(_name("batch"))
     gate_name = next(
         name for name, value in BlockingWorker.gates.items() if value[0] is entered
@@ -644,13 +584,8 @@ def test_jobs_lists_batch_in_order() -> None:
 # Testing modes and threads.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inline mode runs the job inside UniqueTable.insert, under its "
-    "non-reentrant lock",
-)
 def test_inline_nested_unique_insert_completes() -> None:
-    """Expected: the nested unique insert runs and the parent completes; actual: the inserting thread deadlocks on the unique table's lock."""
+    """Expected: the nested unique insert runs and the parent completes; before the fix: the inserting thread deadlocks on the unique table's lock."""
     name = _name("inline")
     instance = Stagehand(name=name, testing="inline").start()
     results: list[Job] = []
@@ -672,13 +607,8 @@ def test_inline_nested_unique_insert_completes() -> None:
 
 
 @pytest.mark.parametrize("mode", ["manual", "inline", "not started"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="Queue.scale spawns threads whenever the queue is not closed, "
-    "whether or not the instance runs jobs in threads",
-)
 def test_scale_queue_starts_no_stray_threads(mode: str) -> None:
-    """Expected: scale_queue on a manual, inline or unstarted instance starts no thread; actual: it starts worker threads, leaked for good if the instance never starts."""
+    """Expected: scale_queue on a manual, inline or unstarted instance starts no thread; before the fix: it starts worker threads, leaked for good if the instance never starts."""
     queue = _name("scale")
     testing = "disabled" if mode == "not started" else mode
     instance = Stagehand(name=_name("scale"), testing=testing, queues={queue: 1})
@@ -702,15 +632,10 @@ def test_scale_queue_starts_no_stray_threads(mode: str) -> None:
 # Events.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="events.emit catches Exception only; a BaseException from a handler "
-    "escapes _begin and crashes the worker thread",
-)
 def test_handler_system_exit_spares_job(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Expected: the handler is detached and logged, the job completes; actual: the worker thread crashes, the job stays executing and the handler stays attached."""
+    """Expected: the handler is detached and logged, the job completes; before the fix: the worker thread crashes, the job stays executing and the handler stays attached."""
     handler_id = _name("exits")
 
     def exits(event: str, measurements: Any, metadata: Any) -> None:
