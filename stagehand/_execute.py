@@ -213,7 +213,7 @@ class Executor:
             job.completed_at = self._clock.now()
             job.state = JobState.COMPLETED
             self._instance._finish(job)
-            self._emit_stop(job, duration)
+            self.emit_stop(job, duration)
 
     def _fail(
         self,
@@ -271,7 +271,7 @@ class Executor:
                     "error": error if error is not None else text,
                 },
             )
-        self._emit_stop(job, duration)
+        self.emit_stop(job, duration)
 
     def _log_failure(
         self, job: Job, kind: str, text: str, error: BaseException | None
@@ -306,7 +306,7 @@ class Executor:
         job.scheduled_at = self._clock.now() + timedelta(seconds=seconds)
         logger.debug("job %s snoozed for %s s", job.id, seconds)
         self._instance._hold(job, monotonic + seconds)
-        self._emit_stop(job, duration)
+        self.emit_stop(job, duration)
 
     def _cancel(self, job: Job, reason: Any, duration: float) -> None:
         now = self._clock.now()
@@ -321,7 +321,7 @@ class Executor:
         job.completed_at = now
         logger.info("job %s (%s) cancelled by its worker", job.id, job.worker)
         self._instance._finish(job)
-        self._emit_stop(job, duration)
+        self.emit_stop(job, duration)
 
     def _backoff(self, job: Job, worker: Worker) -> float:
         try:
@@ -350,7 +350,7 @@ class Executor:
             return MAX_DELAY
         return float(delay)
 
-    def _emit_stop(self, job: Job, duration: float) -> None:
+    def emit_stop(self, job: Job, duration: float) -> None:
         if events.has_handlers("job.stop"):
             events.emit(
                 "job.stop",

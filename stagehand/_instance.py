@@ -304,6 +304,7 @@ class Stagehand:
             # The thread still runs the job; it counts as stuck until it
             # returns and sees that it lost the job.
             self._queues[job.queue].release_stuck_slot()
+            self._executor.emit_stop(job, 0.0)
             logger.warning(
                 "job %s (%s) abandoned: still executing after the %g s grace period",
                 job.id,
@@ -668,6 +669,7 @@ class Stagehand:
             job.completed_at = self.clock.now()
         self._finish(job)
         logger.info("job %s (%s) cancelled", job.id, job.worker)
+        self._executor.emit_stop(job, 0.0)
         return job
 
     def retry_job(self, job_id: str) -> Job:

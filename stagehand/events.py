@@ -7,8 +7,9 @@ thread that emits the event (a worker thread for job events). Events:
 event              measurements                metadata
 =================  ==========================  ==============================
 ``job.start``      ``system_time``             ``job``, ``instance``
-``job.stop``       ``duration`` (seconds)      ``job``, ``instance``,
-                                               ``state`` (the new state)
+``job.stop``       ``duration`` (seconds;      ``job``, ``instance``,
+                   0 for a job cancelled or    ``state`` (the new state)
+                   abandoned by the instance)
 ``job.exception``  ``duration`` (seconds)      ``job``, ``instance``,
                                                ``state``, ``kind``
                                                ("exception", "error",

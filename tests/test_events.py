@@ -81,7 +81,10 @@ def test_raising_handler_is_detached(caplog: pytest.LogCaptureFixture) -> None:
     assert first.state is JobState.COMPLETED
     assert second.result == 2
     assert "test-broken" not in events.handlers()
-    assert "event handler 'test-broken' raised on 'job.start' and was detached" in caplog.text
+    assert (
+        "event handler 'test-broken' raised on 'job.start' and was detached"
+        in caplog.text
+    )
 
 
 def test_attach_rejects_bad_input() -> None:
@@ -97,3 +100,21 @@ def test_attach_rejects_bad_input() -> None:
         assert events.detach("twice") is True
     assert events.detach("twice") is False
     assert "bad-name" not in events.handlers()
+
+
+def test_cancel_job_emits_stop(recorded: list[Any]) -> None:
+    with running(queues={"default": {"limit": 1, "paused": True}}) as instance:
+        job = instance.insert(EchoWorker.new({}))
+        instance.cancel_job(job.id)
+
+    stops = [
+        (measurements, metadata)
+        for event, measurements, metadata in recorded
+        if event == "job.stop"
+    ]
+    assert stops == [
+        (
+            {"duration": 0.0},
+            {"job": job, "instance": instance.name, "state": JobState.CANCELLED},
+        )
+    ]
