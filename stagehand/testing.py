@@ -825,10 +825,8 @@ def _check_stop_states(
 
 
 def _is_settled(job: Job) -> bool:
-    # NOTE: the executor sets retryable or scheduled before it hands the job
-    # to the scheduler, which then reads the clock again; a FakeClock moved
-    # in between would push the due time back by that much. So a waiting
-    # state counts only once the scheduler holds the job.
+    # A waiting state counts only once the scheduler holds the job, so a
+    # test that then advances a FakeClock knows the retry or snooze is queued.
     scheduler = job._instance._scheduler if job._instance is not None else None
     if job.state in _WAITING_STATES and scheduler is not None:
         return job._schedule_seq > 0
