@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Self
 
-from stagehand import _registry, events
+from stagehand import _registry
 from stagehand._clock import Clock
 from stagehand._config import (
     DEFAULT_GRACE_PERIOD,
@@ -20,8 +20,8 @@ from stagehand._config import (
     DEFAULT_RETENTION_PERIOD,
     DEFAULT_UNIQUE_LIMIT,
     build_settings,
-    check_limit,
 )
+from stagehand._control import _NEW, _RUNNING, _STOPPED, _STOPPING, Control
 from stagehand._execute import Executor, current_instance
 from stagehand._job import Job, JobState, new_job_id
 from stagehand._leadership import FileLockLeadership, Leadership, SoloLeadership
@@ -29,10 +29,9 @@ from stagehand._queue import Queue
 from stagehand._retention import Retention
 from stagehand._scheduler import Scheduler
 from stagehand._unique import UniqueTable
-from stagehand._worker import check_job_fields, resolve_worker, worker_path
+from stagehand._worker import check_job_fields, resolve_worker
 from stagehand.exceptions import (
     InvalidOption,
-    JobNotFound,
     NotRunning,
     QueueNotConfigured,
     ShuttingDown,
@@ -44,11 +43,8 @@ __all__ = ["Stagehand"]
 
 logger = logging.getLogger(__name__)
 
-_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
-_WAITING = (JobState.SCHEDULED, JobState.RETRYABLE)
 
-
-class Stagehand:
+class Stagehand(Control):
     """An instance: named queues of worker threads, a scheduler and plugins.
 
     Args:
@@ -520,246 +516,6 @@ class Stagehand:
         # Retained first, so get_job never misses a job that is finishing.
         self._retained.add(job)
         self._live.pop(job.id, None)  # type: ignore[arg-type]
-
-    # Inspection
-
-    def get_job(self, job_id: str) -> Job | None:
-        """Return the live or retained job with this id, or None."""
-        job = self._live.get(job_id)
-        if job is None:
-            job = self._retained.get(job_id)
-        return job
-
-    def jobs(
-        self,
-        state: JobState | str | Iterable[JobState | str] | None = None,
-        queue: str | None = None,
-        worker: type | str | None = None,
-    ) -> list[Job]:
-        """Return live and retained jobs, oldest insert first, filtered.
-
-        Args:
-            state: One state or several, as `JobState` or its string value.
-            queue: A queue name.
-            worker: A `Worker` subclass or its dotted path.
-        """
-        states = _check_states(state)
-        if isinstance(worker, type):
-            path: str | None = worker_path(resolve_worker(worker))
-        elif worker is None or isinstance(worker, str):
-            path = worker
-        else:
-            raise InvalidOption(
-                f"worker must be a Worker subclass or its dotted path; got {worker!r}"
-            )
-        # A job moving between the live and retained tables may be in both
-        # for a moment; keyed by id, it is listed once.
-        found = {job.id: job for job in self._retained.jobs()}
-        found.update(self._live)
-        selected = [
-            job
-            for job in found.values()
-            if (states is None or job.state in states)
-            and (queue is None or job.queue == queue)
-            and (path is None or job.worker == path)
-        ]
-        selected.sort(key=_insert_order)
-        return selected
-
-    def check_queue(self, queue: str) -> dict[str, Any]:
-        """Return the live state of one queue.
-
-        Returns:
-            A dict with queue, limit, paused, available, scheduled,
-            retryable, executing, stuck (threads still running a job past
-            its timeout), threads, and completed, discarded and cancelled
-            (among retained jobs).
-        """
-        stats = self._queue(queue).stats()
-        counts = {state: 0 for state in JobState}
-        for job in self.jobs(queue=queue):
-            counts[job.state] += 1
-        # Counted from job states, so a job that just finished is counted as
-        # finished and not also as executing.
-        for state in (
-            JobState.AVAILABLE,
-            JobState.SCHEDULED,
-            JobState.RETRYABLE,
-            JobState.EXECUTING,
-        ):
-            stats[state.value] = counts[state]
-        for state in (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED):
-            stats[state.value] = counts[state]
-        return stats
-
-    # Control
-
-    def _queue(self, name: str) -> Queue:
-        queue = self._queues.get(name)
-        if queue is None:
-            raise QueueNotConfigured(
-                f"queue {name!r} is not configured on instance {self.name!r}; "
-                f"configured queues are {sorted(self._queues)}"
-            )
-        return queue
-
-    def pause_queue(self, queue: str) -> None:
-        """Stop starting jobs from `queue`; executing jobs finish."""
-        self._queue(queue).pause()
-        logger.info("queue %r of instance %r paused", queue, self.name)
-        events.emit("queue.pause", {}, {"queue": queue, "instance": self.name})
-
-    def resume_queue(self, queue: str) -> None:
-        """Start running jobs from a paused `queue` again."""
-        self._queue(queue).resume()
-        logger.info("queue %r of instance %r resumed", queue, self.name)
-        events.emit("queue.resume", {}, {"queue": queue, "instance": self.name})
-
-    def scale_queue(self, queue: str, limit: int) -> None:
-        """Set the number of worker threads of `queue`, at runtime.
-
-        Scaling down lets busy threads finish their job before they exit.
-        """
-        target = self._queue(queue)
-        target.scale(check_limit(queue, limit))
-        logger.info("queue %r of instance %r scaled to %d", queue, self.name, limit)
-
-    def drain_queue(self, queue: str) -> list[Job]:
-        """Remove the available jobs of `queue` and return them, unrun."""
-        target = self._queue(queue)
-        if self.testing != "disabled":
-            with self._recorded_lock:
-                drained = [
-                    job
-                    for job in self._recorded
-                    if job.queue == queue and job.state is JobState.AVAILABLE
-                ]
-                self._recorded = [job for job in self._recorded if job not in drained]
-        else:
-            drained = target.drain()
-        for job in drained:
-            self._live.pop(job.id, None)  # type: ignore[arg-type]
-            if job.unique is not None:
-                self._unique.forget(job)
-        return drained
-
-    def cancel_job(self, job_id: str) -> Job:
-        """Cancel a job that has not finished, and return it.
-
-        Available, scheduled and retryable jobs become cancelled at once. An
-        executing job gets ``cancel_requested = True``, which its worker may
-        check; if that attempt then fails, it is cancelled, not retried.
-
-        Raises:
-            JobNotFound: No live or retained job has this id.
-        """
-        job = self._require(job_id)
-        with self._locks_for(job):
-            state = job.state
-            if state is JobState.EXECUTING:
-                job.cancel_requested = True
-                return job
-            if state.is_final:
-                return job
-            if state in _WAITING and self._scheduler is not None:
-                self._scheduler.forget_job(job)
-            elif state is JobState.AVAILABLE and self.testing == "disabled":
-                self._queues[job.queue].remove(job)
-            job.state = JobState.CANCELLED
-            job.completed_at = self.clock.now()
-        self._finish(job)
-        logger.info("job %s (%s) cancelled", job.id, job.worker)
-        self._executor.emit_stop(job, 0.0)
-        return job
-
-    def retry_job(self, job_id: str) -> Job:
-        """Make a scheduled, retryable or finished job available now.
-
-        A job that used all its attempts gets one more. Available and
-        executing jobs are returned unchanged.
-
-        Raises:
-            JobNotFound: No live or retained job has this id.
-        """
-        job = self._require(job_id)
-        if self._state != _RUNNING:
-            raise ShuttingDown(
-                f"instance {self.name!r} is not running, so job {job_id} cannot "
-                "run again; retry it on a running instance"
-            )
-        with self._locks_for(job):
-            state = job.state
-            if state in (JobState.AVAILABLE, JobState.EXECUTING):
-                return job
-            waiting = state in _WAITING and self._scheduler is not None
-            if waiting and not self._scheduler.forget_job(job):  # type: ignore[union-attr]
-                return job
-            if job.attempt >= job.max_attempts:
-                job.max_attempts = job.attempt + 1
-            job.cancel_requested = False
-            job.completed_at = None
-            job.scheduled_at = self.clock.now()
-            self._live[job.id] = job  # type: ignore[index]
-            if self.testing == "disabled":
-                self._queues[job.queue].push_locked(job)
-            else:
-                job.state = JobState.AVAILABLE
-                self._record_locked(job)
-        self._retained.pop(job.id)  # type: ignore[arg-type]
-        logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
-        return job
-
-    def _require(self, job_id: str) -> Job:
-        job = self.get_job(job_id)
-        if job is None:
-            raise JobNotFound(
-                f"no live or retained job has id {job_id!r}; finished jobs are "
-                f"kept for {self.settings.retention_period:g} s"
-            )
-        return job
-
-    def _locks_for(self, job: Job) -> _Locks:
-        locks: list[Any] = []
-        if self._scheduler is not None:
-            locks.append(self._scheduler.cond)
-        if self.testing == "disabled":
-            locks.append(self._queues[job.queue].cond)
-        else:
-            locks.append(self._recorded_lock)
-        return _Locks(locks)
-
-
-class _Locks:
-    """Holds several locks in the given order: scheduler first, then queue."""
-
-    def __init__(self, locks: list[Any]):
-        self._locks = locks
-
-    def __enter__(self) -> None:
-        for lock in self._locks:
-            lock.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        for lock in reversed(self._locks):
-            lock.release()
-
-
-def _check_states(
-    state: JobState | str | Iterable[JobState | str] | None,
-) -> frozenset[JobState] | None:
-    if state is None:
-        return None
-    values = [state] if isinstance(state, str) else list(state)
-    try:
-        return frozenset(JobState(value) for value in values)
-    except ValueError:
-        raise InvalidOption(
-            f"state must be one of {[s.value for s in JobState]}; got {state!r}"
-        ) from None
-
-
-def _insert_order(job: Job) -> Any:
-    return job._sequence
 
 
 _insert_sequence = itertools.count(1)
