@@ -1,9 +1,10 @@
 """Running one attempt of a job and recording its outcome.
 
-An attempt moves through four steps: begin (attempt number, times, the
-claim), run (`perform`, under an optional timeout), claim (the worker thread
-and the timeout race to finish the attempt, and exactly one wins), and
-record (completed, retried, snoozed, discarded or cancelled).
+An attempt moves through four steps. Begin sets the attempt number, the
+times and the claim. Run calls `perform`, under an optional timeout. Claim
+settles the race between the worker thread and the timeout, so exactly one
+of them finishes the attempt. Record applies the outcome: completed,
+retried, snoozed, discarded or cancelled.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # PyThreadState_SetAsyncExc raises an exception in another thread when it
 # next checks for pending work (between Python bytecodes). It cannot interrupt a blocking C call (time.sleep, socket
-# reads, C extensions), which sees the exception only once it returns.
+# reads, C extensions), which receives the exception only once it returns.
 _raise_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
 )

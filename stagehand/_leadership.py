@@ -114,7 +114,7 @@ class FileLockLeadership(Leadership):
                 os.close(fd)
                 return
             self._fd = fd
-        logger.info("this process leads (it holds %r)", self.path)
+        logger.info("this process is the leader: it locked %r", self.path)
         self.set_leader(True)
 
     def stop(self) -> None:
