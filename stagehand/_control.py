@@ -241,12 +241,13 @@ class Control:
             job.completed_at = None
             job.scheduled_at = self.clock.now()
             self._live[job.id] = job  # type: ignore[index]
+            # Out of the retained jobs before it can run and finish again.
+            self._retained.pop(job.id)  # type: ignore[arg-type]
             if self.testing == "disabled":
                 self._queues[job.queue].push_locked(job)
             else:
                 job.state = JobState.AVAILABLE
                 self._record_locked(job)
-        self._retained.pop(job.id)  # type: ignore[arg-type]
         logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
         return job
 

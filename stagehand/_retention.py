@@ -32,6 +32,7 @@ class Retention:
         self._timer = timer
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, tuple[float, Job]] = OrderedDict()
+        self._next_expiry = 0.0
 
     def add(self, job: Job) -> None:
         if not self._limit:
@@ -39,11 +40,13 @@ class Retention:
         now = self._timer()
         jobs = self._jobs
         with self._lock:
-            jobs.pop(job.id, None)  # type: ignore[arg-type]
+            # A retried job left through pop() before it runs again, so ids
+            # added here are new and the order stays oldest first.
             jobs[job.id] = (now + self._period, job)  # type: ignore[index]
             if len(jobs) > self._limit:
                 jobs.popitem(last=False)
-            self._expire(now)
+            if now >= self._next_expiry:
+                self._expire(now)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -68,12 +71,16 @@ class Retention:
             return len(self._jobs)
 
     def _expire(self, now: float) -> None:
+        # Drops expired jobs from the front, then remembers when the oldest
+        # remaining one expires, so add() only calls this when one may have.
         jobs = self._jobs
         while jobs:
             expires, _ = next(iter(jobs.values()))
             if expires > now:
+                self._next_expiry = expires
                 return
             jobs.popitem(last=False)
+        self._next_expiry = 0.0
 
     def clear(self) -> None:
         with self._lock:
