@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_313 := .venv-313
-TEST_DEPS := -e '.[test]' 'django>=5.2,<5.3' 'django-tasks>=0.8' gunicorn
-TEST_DEPS_313 := -e '.[test]' 'django>=6,<7' gunicorn
+TEST_DEPS := -e '.[test]' 'django>=5.2,<5.3' 'django-tasks>=0.8' gunicorn uwsgi
+TEST_DEPS_313 := -e '.[test]' 'django>=6,<7' gunicorn uwsgi
 
 .PHONY: demo test test-311 test-313 lint bench clean
 

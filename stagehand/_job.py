@@ -88,15 +88,19 @@ def _check_seconds(name: str, value: object) -> None:
 
 
 # Job ids: a random per-process prefix and a counter. The prefix makes ids
-# unique across the peers of a cluster; a forked child draws a new one.
+# unique across the peers of a cluster. A forked child draws a new prefix:
+# through os.register_at_fork, and, for servers that fork without running
+# those hooks (uWSGI by default), when new_job_id sees a new process id.
 _id_prefix = secrets.token_hex(5)
 _id_counter = itertools.count(1)
+_id_pid = os.getpid()
 
 
 def _reset_ids_after_fork() -> None:
-    global _id_prefix, _id_counter
+    global _id_prefix, _id_counter, _id_pid
     _id_prefix = secrets.token_hex(5)
     _id_counter = itertools.count(1)
+    _id_pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_reset_ids_after_fork)
@@ -104,6 +108,8 @@ os.register_at_fork(after_in_child=_reset_ids_after_fork)
 
 def new_job_id() -> str:
     """Return an id that is unique across processes, such as ``3f9a1c0b2e-1a``."""
+    if os.getpid() != _id_pid:
+        _reset_ids_after_fork()
     return f"{_id_prefix}-{next(_id_counter):x}"
 
 

@@ -267,15 +267,7 @@ def test_postfork_starts_workers_not_master(
 @pytest.mark.parametrize(
     "options",
     [
-        pytest.param(
-            [],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="uWSGI forks without running os.register_at_fork hooks, "
-                "so every worker keeps the job id prefix drawn in the master",
-            ),
-            id="default",
-        ),
+        pytest.param([], id="default"),
         pytest.param(["--py-call-osafterfork"], id="py-call-osafterfork"),
     ],
 )
