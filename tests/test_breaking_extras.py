@@ -2,13 +2,14 @@
 the Django app. Each test is marked xfail(strict=True): it passes once the
 bug is fixed and the mark is removed.
 
-The Django tests need the settings of tests/django_project; when this file
-runs alone (pytest does not configure Django for files outside
-``test_django_*``), Django is set up here from the same settings module.
+The Django tests need the settings of tests/django_project. Pytest
+configures Django only for runs that include ``test_django_*`` files, so
+when this file runs alone, `_django` sets it up from the same settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
@@ -84,17 +85,23 @@ def _became_leader(instance: Stagehand) -> threading.Event:
     reason="a leader_lock handover re-runs the current minute: unique keys are "
     "per process, so the new leader's check finds no conflict",
 )
-def test_leader_lock_handover_runs_the_current_slot_twice(tmp_path: Path) -> None:
+def test_lock_handover_reruns_current_slot(tmp_path: Path) -> None:
     """Expected: the 12:00 slot runs once on the host; actual: the old and the new leader both insert it."""
     clock = FakeClock(START)
     lock = str(tmp_path / "leader.lock")
     options = {"crontab": [("* * * * *", MinuteWorker)]}
     first = Stagehand(
-        name="lock-a", clock=clock, queues=PAUSED, plugins=[(Cron, options)],
+        name="lock-a",
+        clock=clock,
+        queues=PAUSED,
+        plugins=[(Cron, options)],
         leader_lock=lock,
     )
     second = Stagehand(
-        name="lock-b", clock=clock, queues=PAUSED, plugins=[(Cron, options)],
+        name="lock-b",
+        clock=clock,
+        queues=PAUSED,
+        plugins=[(Cron, options)],
         leader_lock=lock,
     )
     try:
@@ -128,14 +135,16 @@ def test_leader_lock_handover_runs_the_current_slot_twice(tmp_path: Path) -> Non
     reason="Cron._on_leadership treats the first leadership after start() as "
     "a comeback and moves the cursor back to the current minute",
 )
-def test_leader_lock_start_runs_a_slot_from_before_start(tmp_path: Path) -> None:
+def test_lock_start_runs_earlier_slot(tmp_path: Path) -> None:
     """Expected: no slot before start() runs (docs/cron.md); actual: the 11:59 slot runs when the lock is won at 11:59:30."""
     clock = FakeClock(START)  # 11:59:30
     lock = str(tmp_path / "leader.lock")
     holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(holder, fcntl.LOCK_EX)  # the previous process still leads
     instance = Stagehand(
-        name="lock-start", clock=clock, queues=PAUSED,
+        name="lock-start",
+        clock=clock,
+        queues=PAUSED,
         plugins=[(Cron, {"crontab": [("* * * * *", MinuteWorker)]})],
         leader_lock=lock,
     )
@@ -162,7 +171,7 @@ def test_leader_lock_start_runs_a_slot_from_before_start(tmp_path: Path) -> None
     reason="_floor truncates to the UTC minute, which is not the wall minute "
     "when the zone's offset has seconds (Europe/Amsterdam before 1937)",
 )
-def test_next_after_and_matches_disagree_for_offsets_with_seconds() -> None:
+def test_seconds_offset_breaks_next_after() -> None:
     """Expected: matches(next_after(t)) and next_after(s) > s; actual: matches is False and next_after returns its own argument."""
     cron = parse("0 12 * * *", tz="Europe/Amsterdam")  # offset +00:19:32 in 1930
     slot = cron.next_after(datetime(1930, 1, 1, tzinfo=UTC))
@@ -175,7 +184,7 @@ def test_next_after_and_matches_disagree_for_offsets_with_seconds() -> None:
     reason="next_after starts its search two days before the date and "
     "turns the OverflowError near date.min/date.max into 'does not fire'",
 )
-def test_next_after_at_the_ends_of_the_calendar() -> None:
+def test_next_after_at_calendar_ends() -> None:
     """Expected: '* * * * *' fires at 0001-01-01 00:01 and 9999-12-31 23:59; actual: InvalidCronExpression "does not fire"."""
     cron = parse("* * * * *")
     first = datetime(1, 1, 1, tzinfo=UTC)
@@ -205,7 +214,7 @@ def test_sun_sun_range_means_every_day() -> None:
     reason="a manual instance's waiting assertion sleeps on the instance's "
     "condition, which drain_queue's state changes never notify",
 )
-def test_waiting_assert_enqueued_misses_a_drained_state_change() -> None:
+def test_waiting_assert_misses_drain_change() -> None:
     """Expected: assert_enqueued(state='retryable', timeout=...) returns once another thread's drain makes the job retryable; actual: it sleeps for the whole timeout."""
     instance = Stagehand(testing="manual", name="wait-drain").start()
     outcome: list[Any] = []
@@ -218,7 +227,7 @@ def test_waiting_assert_enqueued_misses_a_drained_state_change() -> None:
                     instance, worker=FlakyWorker, state="retryable", timeout=300
                 )
             )
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:  # reported by the asserts below
             outcome.append(error)
 
     try:
@@ -288,7 +297,7 @@ def _stagehand_check_messages() -> list[tuple[str, str]]:
     reason="conf._value_problems validates plugins with Cron.validate only; "
     "the queue check runs in Cron.__init__, at instance build",
 )
-def test_check_misses_a_cron_entry_queue_that_is_not_configured() -> None:
+def test_check_misses_cron_entry_queue() -> None:
     """Expected: manage.py check reports the cron entry's unknown queue; actual: check is silent and the instance fails to build at run time."""
     _django()
     from django.core.exceptions import ImproperlyConfigured
@@ -318,7 +327,7 @@ def test_check_misses_a_cron_entry_queue_that_is_not_configured() -> None:
     reason="E007 checks only that STAGEHAND_RUNTIME_DIR is absolute, not that "
     "<dir>/<pid>.sock fits in a Unix socket address",
 )
-def test_check_misses_a_runtime_dir_too_long_for_a_socket(short_dir: str) -> None:
+def test_check_misses_long_runtime_dir(short_dir: str) -> None:
     """Expected: manage.py check reports a STAGEHAND_RUNTIME_DIR too long for the control socket; actual: no message, and start() fails with OSError."""
     _django()
     from django.test import override_settings
@@ -336,7 +345,7 @@ def test_check_misses_a_runtime_dir_too_long_for_a_socket(short_dir: str) -> Non
     reason="Stagehand.start() marks the instance running and starts the "
     "queues before plugin.start(); ControlServer's bind error leaves it so",
 )
-def test_failed_control_socket_leaves_a_running_default_instance(
+def test_failed_start_leaves_running_instance(
     short_dir: str,
 ) -> None:
     """Expected: a failed lifecycle.start() leaves no instance running; actual: OSError, and an unowned default instance keeps running (leader lock, threads, no socket)."""
@@ -356,10 +365,9 @@ def test_failed_control_socket_leaves_a_running_default_instance(
                 # it here so its ResourceWarning cannot land in a later test.
                 warnings.simplefilter("ignore", ResourceWarning)
                 started = None
-                try:
+                # Today this raises OSError "AF_UNIX path too long".
+                with contextlib.suppress(Exception):
                     started = lifecycle.start()
-                except Exception:  # noqa: BLE001 - today OSError "AF_UNIX path too long"
-                    pass
                 gc.collect()
             leftover = stagehand.default_instance()
             assert leftover is None or leftover is started
@@ -375,8 +383,8 @@ def test_failed_control_socket_leaves_a_running_default_instance(
     reason="with STAGEHAND_AUTOSTART=True the status command starts the "
     "default instance (and its control socket) in its own process",
 )
-def test_stagehand_status_reports_its_own_process(short_dir: str) -> None:
-    """Expected: stagehand_status never lists its own process (SPEC, docs/django.md); actual: with STAGEHAND_AUTOSTART=True it lists itself as the running cron leader and exits 0."""
+def test_status_lists_its_own_process(short_dir: str) -> None:
+    """Expected: stagehand_status never lists its own process (docs/django.md); actual: with STAGEHAND_AUTOSTART=True it lists itself as the running cron leader and exits 0."""
     env = {
         **os.environ,
         "STAGEHAND_TEST_AUTOSTART": "true",
@@ -409,7 +417,7 @@ def test_stagehand_status_reports_its_own_process(short_dir: str) -> None:
     reason="get_result rebuilds the task with import_string(path), dropping "
     "what Task.using() set: priority, queue_name, run_after",
 )
-def test_task_get_result_loses_priority_queue_and_run_after() -> None:
+def test_get_result_loses_task_options() -> None:
     """Expected: get_result(id).task equals the enqueued result's task; actual: it is the module-level task (priority 0, queue 'default', no run_after)."""
     _django()
     from django.test import override_settings
