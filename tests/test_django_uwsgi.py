@@ -268,7 +268,16 @@ def test_postfork_starts_workers_not_master(
     "options",
     [
         pytest.param([], id="default"),
-        pytest.param(["--py-call-osafterfork"], id="py-call-osafterfork"),
+        pytest.param(
+            ["--py-call-osafterfork"],
+            marks=pytest.mark.skipif(
+                sys.version_info >= (3, 13),
+                reason="uWSGI 2.0.31 workers abort with py-call-osafterfork on "
+                "Python 3.13 ('Fatal Python error: _PyRecursiveMutex_Unlock'), "
+                "without Stagehand involved",
+            ),
+            id="py-call-osafterfork",
+        ),
     ],
 )
 def test_workers_draw_distinct_job_ids(
