@@ -69,6 +69,8 @@ _UNIQUE = {
 }
 _MINUTE = timedelta(minutes=1)
 _TINY = timedelta(microseconds=1)
+# Key of the cron cursor in the state that leaders share.
+_STATE_KEY = "cron.cursor"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +145,7 @@ class Cron(Plugin):
         self._stopping = False
         self._leader = False
         self._cursor = datetime.min.replace(tzinfo=UTC)
+        self._started_at = self._cursor
         self._next: list[datetime | None] | None = None
         self._seen: datetime | None = None
         self._ticks = 0
@@ -188,6 +191,7 @@ class Cron(Plugin):
             return
         with self._cond:
             self._cursor = self.instance.clock.now()
+            self._started_at = self._cursor
             self._alive = True
         self.instance.leadership.subscribe(self._on_leadership)
         thread = threading.Thread(
@@ -271,11 +275,7 @@ class Cron(Plugin):
         # Runs in the thread that changes leadership.
         with self._cond:
             if leader and not self._leader and self._thread is not None:
-                # Slots that passed while another peer led were that peer's to
-                # run. The current minute is checked again, and its unique key
-                # makes it a conflict if the old leader already inserted it.
-                now = self.instance.clock.now()
-                self._cursor = now.replace(second=0, microsecond=0) - _TINY
+                self._cursor = self._resume_cursor()
                 self._next = None
             if leader != self._leader and self._thread is not None:
                 logger.info(
@@ -286,6 +286,22 @@ class Cron(Plugin):
             self._leader = leader
             self._seen = None
             self._cond.notify_all()
+
+    def _resume_cursor(self) -> datetime:
+        # Slots that passed while another peer led were that peer's to run.
+        # The current minute is checked again unless the old leader saved a
+        # later cursor (processes sharing a leader lock share that state; in
+        # one process the unique key turns a repeat into a conflict). Slots
+        # before this plugin started never run.
+        now = self.instance.clock.now()
+        cursor = now.replace(second=0, microsecond=0) - _TINY
+        saved = self.instance.leadership.load_state(_STATE_KEY)
+        if isinstance(saved, str):
+            try:
+                cursor = max(cursor, datetime.fromisoformat(saved))
+            except ValueError:
+                logger.warning("ignoring an invalid saved cron cursor %r", saved)
+        return max(cursor, self._started_at)
 
     # The cron thread
 
@@ -346,6 +362,7 @@ class Cron(Plugin):
         self._cursor = now
         self._next = None
         self._ticks += 1
+        self.instance.leadership.save_state(_STATE_KEY, now.isoformat())
 
     def _insert(self, entry: CronEntry, slot: datetime) -> bool:
         """Insert the job of `entry` for `slot`.

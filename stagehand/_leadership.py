@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["FileLockLeadership", "Leadership", "SoloLeadership"]
 
@@ -47,6 +49,17 @@ class Leadership:
         with self._lock:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+    def load_state(self, key: str) -> Any:
+        """Return what a leader saved under `key`, or None.
+
+        Leaders of one group share this state, so a new leader can go on
+        where the old one stopped. A solo process has no one to share with.
+        """
+        return None
+
+    def save_state(self, key: str, value: Any) -> None:
+        """Save a JSON-serialisable `value` under `key` for later leaders."""
 
     def set_leader(self, leader: bool) -> None:
         """Record a change of leadership and notify the listeners."""
@@ -116,6 +129,35 @@ class FileLockLeadership(Leadership):
             self._fd = fd
         logger.info("this process is the leader: it locked %r", self.path)
         self.set_leader(True)
+
+    def load_state(self, key: str) -> Any:
+        # The state is JSON in the lock file, read and written only by the
+        # process holding the lock.
+        with self._lock:
+            if self._fd is None:
+                return None
+            return self._read_state().get(key)
+
+    def save_state(self, key: str, value: Any) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            state = self._read_state()
+            state[key] = value
+            data = json.dumps(state).encode()
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+
+    def _read_state(self) -> dict[str, Any]:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, size, 0) if size else b""
+        try:
+            state = json.loads(raw) if raw else {}
+        except ValueError:
+            logger.warning("ignoring unreadable leader state in %r", self.path)
+            return {}
+        return state if isinstance(state, dict) else {}
 
     def stop(self) -> None:
         """Give up leadership, or stop campaigning for it."""

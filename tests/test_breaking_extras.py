@@ -80,11 +80,6 @@ def _became_leader(instance: Stagehand) -> threading.Event:
 # Cron plugin
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a leader_lock handover re-runs the current minute: unique keys are "
-    "per process, so the new leader's check finds no conflict",
-)
 def test_lock_handover_reruns_current_slot(tmp_path: Path) -> None:
     """Expected: the 12:00 slot runs once on the host; actual: the old and the new leader both insert it."""
     clock = FakeClock(START)
@@ -130,11 +125,6 @@ def test_lock_handover_reruns_current_slot(tmp_path: Path) -> None:
         second.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cron._on_leadership treats the first leadership after start() as "
-    "a comeback and moves the cursor back to the current minute",
-)
 def test_lock_start_runs_earlier_slot(tmp_path: Path) -> None:
     """Expected: no slot before start() runs (docs/cron.md); actual: the 11:59 slot runs when the lock is won at 11:59:30."""
     clock = FakeClock(START)  # 11:59:30
