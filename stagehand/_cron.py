@@ -160,6 +160,8 @@ def _parse_field(text: str, index: int, expression: str) -> frozenset[int]:
             last = first
             if end is not None:
                 last = number(end, item, range_end=True)
+                if field == "day-of-week" and first == 0 and not end.isdigit():
+                    last = 0  # 'sun-sun' and '0-sun' mean Sunday; '0-7' is every day
                 if first > last:
                     raise fail(
                         f"range {item!r} is reversed; ranges do not wrap around, "

@@ -190,8 +190,7 @@ class Stagehand(Control):
             self._state = _RUNNING
             atexit.register(self.stop)
         if self.testing == "disabled":
-            for plugin in self._plugins:
-                plugin.start()
+            self._start_plugins()
         logger.info(
             "stagehand instance %r started (testing=%s, queues %s)",
             self.name,
@@ -257,6 +256,19 @@ class Stagehand(Control):
         atexit.unregister(self.stop)
         if isinstance(self.leadership, FileLockLeadership):
             self.leadership.forget_after_fork()
+
+    def _start_plugins(self) -> None:
+        for plugin in self._plugins:
+            try:
+                plugin.start()
+            except BaseException:
+                # A half-started instance would keep running unowned, so it
+                # stops again before the error reaches the caller.
+                logger.exception(
+                    "plugin %r failed to start; stopping instance %r", plugin, self.name
+                )
+                self.stop()
+                raise
 
     def _stop_plugins(self) -> None:
         for plugin in reversed(self._plugins):

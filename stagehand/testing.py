@@ -679,6 +679,9 @@ def _run_attempt(instance: Stagehand, job: Job, counts: dict[str, int]) -> None:
             instance._recorded.remove(job)
     if state.value in counts:
         counts[state.value] += 1
+    with instance._recorded_changed:
+        instance._recorded_version += 1
+        instance._recorded_changed.notify_all()
     with _recorded_changed:
         _recorded_changed.notify_all()
 

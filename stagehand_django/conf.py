@@ -221,7 +221,22 @@ def _flag_problems() -> list[Problem]:
                 hint="Use a directory only this user can write, or remove the setting.",
             )
         )
+    elif value is not None and len(os.fsencode(value)) > _MAX_RUNTIME_DIR_BYTES:
+        found.append(
+            Problem(
+                id="stagehand.E007",
+                msg=f"STAGEHAND_RUNTIME_DIR is too long for Unix socket paths "
+                f"({len(os.fsencode(value))} bytes; at most "
+                f"{_MAX_RUNTIME_DIR_BYTES}): {value!r}",
+                hint="Use a shorter directory, such as one under /run or /tmp.",
+            )
+        )
     return found
+
+
+# A Unix socket path holds at most 107 bytes on Linux; each socket is named
+# "<pid>.sock" in the runtime directory, and a pid has at most 7 digits.
+_MAX_RUNTIME_DIR_BYTES = 107 - len("/4194304.sock")
 
 
 def _raise_first(found: list[Problem]) -> None:

@@ -243,7 +243,10 @@ def query_all(directory: str, timeout: float = CLIENT_TIMEOUT) -> Survey:
     except OSError as error:
         survey.failures.append(f"{directory}: {error}")
         return survey
+    own = f"{os.getpid()}.sock"
     for path in paths:
+        if path.name == own:
+            continue
         try:
             survey.reports.append(_query(str(path), timeout))
         except (ConnectionRefusedError, FileNotFoundError):

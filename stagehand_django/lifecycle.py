@@ -87,6 +87,10 @@ def decide(argv: list[str] | None = None) -> str:
         post-fork hook) or "never".
     """
     argv = sys.argv if argv is None else argv
+    if management_command(argv) == "stagehand_status":
+        # The status command reports on other processes and must not count,
+        # or lead cron, itself.
+        return NEVER
     flag = conf.autostart()
     if flag is not None:
         return EAGER if flag else NEVER

@@ -183,12 +183,7 @@ def test_next_after_at_calendar_ends() -> None:
     assert cron.next_after(last) == last + timedelta(minutes=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_parse_field turns 'sun' at a range end into 7, also when the "
-    "range starts at Sunday, so sun-sun is 0-7",
-)
-def test_sun_sun_range_means_every_day() -> None:
+def test_sun_sun_range_means_sunday() -> None:
     """Expected: '0 0 * * sun-sun' fires on Sundays only (as '0-0' and '7-7' do); actual: it fires every day."""
     monday = datetime(2026, 3, 2, tzinfo=UTC)
     assert not parse("0 0 * * 0-0").matches(monday)
@@ -199,11 +194,6 @@ def test_sun_sun_range_means_every_day() -> None:
 # Testing helpers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a manual instance's waiting assertion sleeps on the instance's "
-    "condition, which drain_queue's state changes never notify",
-)
 def test_waiting_assert_misses_drain_change() -> None:
     """Expected: assert_enqueued(state='retryable', timeout=...) returns once another thread's drain makes the job retryable; actual: it sleeps for the whole timeout."""
     instance = Stagehand(testing="manual", name="wait-drain").start()
@@ -312,11 +302,6 @@ def test_check_misses_cron_entry_queue() -> None:
         assert _stagehand_check_messages() != []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="E007 checks only that STAGEHAND_RUNTIME_DIR is absolute, not that "
-    "<dir>/<pid>.sock fits in a Unix socket address",
-)
 def test_check_misses_long_runtime_dir(short_dir: str) -> None:
     """Expected: manage.py check reports a STAGEHAND_RUNTIME_DIR too long for the control socket; actual: no message, and start() fails with OSError."""
     _django()
@@ -330,11 +315,6 @@ def test_check_misses_long_runtime_dir(short_dir: str) -> None:
         assert _stagehand_check_messages() != []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Stagehand.start() marks the instance running and starts the "
-    "queues before plugin.start(); ControlServer's bind error leaves it so",
-)
 def test_failed_start_leaves_running_instance(
     short_dir: str,
 ) -> None:
@@ -368,11 +348,6 @@ def test_failed_start_leaves_running_instance(
                 leftover.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with STAGEHAND_AUTOSTART=True the status command starts the "
-    "default instance (and its control socket) in its own process",
-)
 def test_status_lists_its_own_process(short_dir: str) -> None:
     """Expected: stagehand_status never lists its own process (docs/django.md); actual: with STAGEHAND_AUTOSTART=True it lists itself as the running cron leader and exits 0."""
     env = {

@@ -26,18 +26,42 @@ from workers import BlockingWorker, EchoWorker
     [
         ({"queues": {}}, "queues must be a non-empty dict"),
         ({"queues": ["default"]}, "queues must be a non-empty dict"),
-        ({"queues": {"default": 0}}, "limit of queue 'default' must be an int from 1 to 1000"),
+        (
+            {"queues": {"default": 0}},
+            "limit of queue 'default' must be an int from 1 to 1000",
+        ),
         ({"queues": {"default": "10"}}, "got '10'"),
-        ({"queues": {"default": {"limit": 2, "pause": True}}}, "must be an int or a dict with 'limit'"),
+        (
+            {"queues": {"default": {"limit": 2, "pause": True}}},
+            "must be an int or a dict with 'limit'",
+        ),
         ({"queues": {" x": 1}}, "queue name must be a non-empty string"),
-        ({"testing": "manaul"}, "testing must be one of 'disabled', 'manual', 'inline'; got 'manaul'"),
-        ({"shutdown_grace_period": -1}, "shutdown_grace_period must be a finite number of seconds >= 0"),
+        (
+            {"testing": "manaul"},
+            "testing must be one of 'disabled', 'manual', 'inline'; got 'manaul'",
+        ),
+        (
+            {"shutdown_grace_period": -1},
+            "shutdown_grace_period must be a finite number of seconds >= 0",
+        ),
         ({"retention_limit": -1}, "retention_limit must be an int >= 0"),
         ({"name": ""}, "name must be a non-empty string"),
-        ({"plugins": "stagehand.plugins.Cron"}, "plugins must be a list of (PluginClass, options) pairs"),
-        ({"plugins": [("no.such.Plugin", {})]}, "plugins[0]: cannot import 'no.such.Plugin'"),
-        ({"plugins": [(dict, {})]}, "plugins[0] must be a stagehand.plugins.Plugin subclass"),
-        ({"clock": "now"}, "clock must be a stagehand.testing.FakeClock or another Clock"),
+        (
+            {"plugins": "stagehand.plugins.Cron"},
+            "plugins must be a list of (PluginClass, options) pairs",
+        ),
+        (
+            {"plugins": [("no.such.Plugin", {})]},
+            "plugins[0]: cannot import 'no.such.Plugin'",
+        ),
+        (
+            {"plugins": [(dict, {})]},
+            "plugins[0] must be a stagehand.plugins.Plugin subclass",
+        ),
+        (
+            {"clock": "now"},
+            "clock must be a stagehand.testing.FakeClock or another Clock",
+        ),
         ({"cluster": {"name": "shop"}}, "cluster mode is not available"),
     ],
 )
@@ -62,7 +86,9 @@ def test_insert_before_start_rejected() -> None:
 def test_insert_unconfigured_queue_changes_nothing() -> None:
     with running() as instance:
         job = EchoWorker.new({}, queue="mailers")
-        with pytest.raises(QueueNotConfigured, match=r"configured queues are \['default'\]"):
+        with pytest.raises(
+            QueueNotConfigured, match=r"configured queues are \['default'\]"
+        ):
             instance.insert(job)
 
         assert job.id is None
@@ -86,7 +112,9 @@ def test_default_instance_functions() -> None:
         with watching() as watcher:
             one = EchoWorker.new({"value": 1}).insert()
             two = stagehand.insert(EchoWorker.new({"value": 2}))
-            three, four = stagehand.insert_all([EchoWorker.new({"value": v}) for v in (3, 4)])
+            three, four = stagehand.insert_all(
+                [EchoWorker.new({"value": v}) for v in (3, 4)]
+            )
             watcher.wait_final(one, two, three, four)
         assert stagehand.default_instance() is instance
     finally:
@@ -98,7 +126,9 @@ def test_default_instance_functions() -> None:
 
 def test_same_name_rejected() -> None:
     with running(name="twin"):
-        with pytest.raises(InvalidOption, match="instance named 'twin' is already running"):
+        with pytest.raises(
+            InvalidOption, match="instance named 'twin' is already running"
+        ):
             Stagehand(name="twin").start()
 
 
@@ -134,7 +164,9 @@ def test_stop_waits_for_executing_job() -> None:
 
 def test_stop_abandons_after_grace(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="stagehand")
-    instance = Stagehand(name="impatient", shutdown_grace_period=0.2, queues={"default": 1}).start()
+    instance = Stagehand(
+        name="impatient", shutdown_grace_period=0.2, queues={"default": 1}
+    ).start()
     entered, release = BlockingWorker.gate("abandon")
     job = instance.insert(BlockingWorker.new({"gate": "abandon"}))
     queued = [instance.insert(EchoWorker.new({})) for _ in range(3)]
@@ -147,9 +179,15 @@ def test_stop_abandons_after_grace(caplog: pytest.LogCaptureFixture) -> None:
 
     assert job.state is JobState.DISCARDED
     assert instance.check_queue("default")["stuck"] == 1
-    assert "abandoned: still executing when the shutdown grace period of 0.2 s ended" in job.errors[0]["error"]
+    assert (
+        "abandoned: still executing when the shutdown grace period of 0.2 s ended"
+        in job.errors[0]["error"]
+    )
     assert f"job {job.id} (workers.BlockingWorker) abandoned" in caplog.text
-    assert "stopped with 3 available and 1 scheduled or retryable jobs; they are lost" in caplog.text
+    assert (
+        "stopped with 3 available and 1 scheduled or retryable jobs; they are lost"
+        in caplog.text
+    )
     assert all(item.state is JobState.AVAILABLE for item in queued)
     assert scheduled.state is JobState.SCHEDULED
 
@@ -159,3 +197,22 @@ def test_context_manager_starts_and_stops() -> None:
         assert instance.running
     assert not instance.running
     assert stagehand.get_instance("context") is None
+
+
+class BrokenPlugin(stagehand.plugins.Plugin):
+    def start(self) -> None:
+        raise OSError("cannot bind")
+
+
+def test_plugin_start_failure_stops_instance() -> None:
+    instance = Stagehand(name="broken-plugin", plugins=[BrokenPlugin])
+    with pytest.raises(OSError, match="cannot bind"):
+        instance.start()
+
+    assert not instance.running
+    assert stagehand.get_instance("broken-plugin") is None
+    assert not any(
+        thread.name.startswith("stagehand-scheduler-broken-plugin")
+        for thread in threading.enumerate()
+        if thread.is_alive()
+    )
