@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stagehand import _options, events
@@ -529,7 +529,9 @@ def build_job(
     job.attempt = attempt
     job.inserted_at = now
     job.attempted_at = now
-    if job.scheduled_at is None:
+    if job.schedule_in is not None:
+        job.scheduled_at = now + timedelta(seconds=job.schedule_in)
+    elif job.scheduled_at is None:
         job.scheduled_at = now
     return job
 

@@ -170,7 +170,28 @@ def _stagehand_problems(value: object) -> list[Problem]:
     for key in DEFAULTS:
         if key in value:
             found.extend(_value_problems(key, value[key]))
+    if not found:
+        found.extend(_instance_problems(value))
     return found
+
+
+def _instance_problems(value: Mapping[str, Any]) -> list[Problem]:
+    # Plugins check some settings only against the whole instance (a cron
+    # entry's queue must be one of the instance's queues). Building an
+    # instance starts no thread, so check builds one and drops it.
+    kwargs = {key: value[key] for key in value if key in DEFAULTS}
+    kwargs["name"] = "stagehand-check"
+    try:
+        stagehand.Stagehand(**kwargs)
+    except (ValueError, TypeError) as error:
+        return [
+            Problem(
+                id="stagehand.E004",
+                msg=f"STAGEHAND is invalid: {error}",
+                hint="Make the plugins' settings agree with the rest of STAGEHAND.",
+            )
+        ]
+    return []
 
 
 def _value_problems(key: str, value: object) -> list[Problem]:

@@ -1,6 +1,6 @@
-"""Failing tests for bugs found in the cron plugin, the testing helpers and
-the Django app. Each test is marked xfail(strict=True): it passes once the
-bug is fixed and the mark is removed.
+"""Regression tests for bugs a review found in the cron plugin, the testing
+helpers and the Django app. The tests still marked xfail(strict=True) are
+known gaps: they pass once the bug is fixed and the mark is removed.
 
 The Django tests need the settings of tests/django_project. Pytest
 configures Django only for runs that include ``test_django_*`` files, so
@@ -80,8 +80,8 @@ def _became_leader(instance: Stagehand) -> threading.Event:
 # Cron plugin
 
 
-def test_lock_handover_reruns_current_slot(tmp_path: Path) -> None:
-    """Expected: the 12:00 slot runs once on the host; actual: the old and the new leader both insert it."""
+def test_lock_handover_keeps_current_slot_once(tmp_path: Path) -> None:
+    """Expected: the 12:00 slot runs once on the host; before the fix: the old and the new leader both insert it."""
     clock = FakeClock(START)
     lock = str(tmp_path / "leader.lock")
     options = {"crontab": [("* * * * *", MinuteWorker)]}
@@ -125,8 +125,8 @@ def test_lock_handover_reruns_current_slot(tmp_path: Path) -> None:
         second.stop()
 
 
-def test_lock_start_runs_earlier_slot(tmp_path: Path) -> None:
-    """Expected: no slot before start() runs (docs/cron.md); actual: the 11:59 slot runs when the lock is won at 11:59:30."""
+def test_lock_start_skips_earlier_slot(tmp_path: Path) -> None:
+    """Expected: no slot before start() runs (docs/cron.md); before the fix: the 11:59 slot runs when the lock is won at 11:59:30."""
     clock = FakeClock(START)  # 11:59:30
     lock = str(tmp_path / "leader.lock")
     holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -184,7 +184,7 @@ def test_next_after_at_calendar_ends() -> None:
 
 
 def test_sun_sun_range_means_sunday() -> None:
-    """Expected: '0 0 * * sun-sun' fires on Sundays only (as '0-0' and '7-7' do); actual: it fires every day."""
+    """Expected: '0 0 * * sun-sun' fires on Sundays only (as '0-0' and '7-7' do); before the fix: it fires every day."""
     monday = datetime(2026, 3, 2, tzinfo=UTC)
     assert not parse("0 0 * * 0-0").matches(monday)
     assert not parse("0 0 * * sun-sun").matches(monday)
@@ -194,8 +194,8 @@ def test_sun_sun_range_means_sunday() -> None:
 # Testing helpers
 
 
-def test_waiting_assert_misses_drain_change() -> None:
-    """Expected: assert_enqueued(state='retryable', timeout=...) returns once another thread's drain makes the job retryable; actual: it sleeps for the whole timeout."""
+def test_waiting_assert_sees_drain_change() -> None:
+    """Expected: assert_enqueued(state='retryable', timeout=...) returns once another thread's drain makes the job retryable; before the fix: it sleeps for the whole timeout."""
     instance = Stagehand(testing="manual", name="wait-drain").start()
     outcome: list[Any] = []
     waiter = threading.Thread(target=lambda: None)
@@ -237,13 +237,8 @@ def test_waiting_assert_misses_drain_change() -> None:
         instance.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_job sets scheduled_at to now whenever it is None, and "
-    "Worker.new keeps schedule_in apart, so the option is ignored",
-)
-def test_build_job_ignores_schedule_in() -> None:
-    """Expected: build_job(..., schedule_in=60).scheduled_at is 60 s after inserted_at, as an insert would set it; actual: it equals inserted_at."""
+def test_build_job_applies_schedule_in() -> None:
+    """Expected: build_job(..., schedule_in=60).scheduled_at is 60 s after inserted_at, as an insert would set it; before the fix: it equals inserted_at."""
     from stagehand.testing import build_job
 
     job = build_job(MinuteWorker, {}, schedule_in=60)
@@ -272,13 +267,8 @@ def _stagehand_check_messages() -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conf._value_problems validates plugins with Cron.validate only; "
-    "the queue check runs in Cron.__init__, at instance build",
-)
-def test_check_misses_cron_entry_queue() -> None:
-    """Expected: manage.py check reports the cron entry's unknown queue; actual: check is silent and the instance fails to build at run time."""
+def test_check_reports_cron_entry_queue() -> None:
+    """Expected: manage.py check reports the cron entry's unknown queue; before the fix: check is silent and the instance fails to build at run time."""
     _django()
     from django.core.exceptions import ImproperlyConfigured
     from django.test import override_settings
@@ -302,8 +292,8 @@ def test_check_misses_cron_entry_queue() -> None:
         assert _stagehand_check_messages() != []
 
 
-def test_check_misses_long_runtime_dir(short_dir: str) -> None:
-    """Expected: manage.py check reports a STAGEHAND_RUNTIME_DIR too long for the control socket; actual: no message, and start() fails with OSError."""
+def test_check_reports_long_runtime_dir(short_dir: str) -> None:
+    """Expected: manage.py check reports a STAGEHAND_RUNTIME_DIR too long for the control socket; before the fix: no message, and start() fails with OSError."""
     _django()
     from django.test import override_settings
 
@@ -315,10 +305,10 @@ def test_check_misses_long_runtime_dir(short_dir: str) -> None:
         assert _stagehand_check_messages() != []
 
 
-def test_failed_start_leaves_running_instance(
+def test_failed_start_stops_instance(
     short_dir: str,
 ) -> None:
-    """Expected: a failed lifecycle.start() leaves no instance running; actual: OSError, and an unowned default instance keeps running (leader lock, threads, no socket)."""
+    """Expected: a failed lifecycle.start() leaves no instance running; before the fix: OSError, and an unowned default instance keeps running (leader lock, threads, no socket)."""
     _django()
     from django.test import override_settings
 
@@ -348,8 +338,8 @@ def test_failed_start_leaves_running_instance(
                 leftover.stop()
 
 
-def test_status_lists_its_own_process(short_dir: str) -> None:
-    """Expected: stagehand_status never lists its own process (docs/django.md); actual: with STAGEHAND_AUTOSTART=True it lists itself as the running cron leader and exits 0."""
+def test_status_skips_its_own_process(short_dir: str) -> None:
+    """Expected: stagehand_status never lists its own process (docs/django.md); before the fix: with STAGEHAND_AUTOSTART=True it lists itself as the running cron leader and exits 0."""
     env = {
         **os.environ,
         "STAGEHAND_TEST_AUTOSTART": "true",
