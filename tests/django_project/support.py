@@ -64,6 +64,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and a child
+    # inherits that; Python then installs no KeyboardInterrupt handler, so
+    # the Ctrl-C tests would wait forever. Children start with the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Process:
     """A subprocess whose merged output lines are read by a thread."""
 
@@ -86,6 +93,7 @@ class Process:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
