@@ -129,6 +129,15 @@ class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
             {
                 "task": task.module_path,
                 "backend": self.alias,
+                # The options set with task.using(), so the task can be
+                # rebuilt as it was enqueued.
+                "task_options": {
+                    "priority": task.priority,
+                    "queue_name": task.queue_name,
+                    "run_after": None
+                    if task.run_after is None
+                    else _aware(task.run_after).isoformat(),
+                },
                 "args": list(args),
                 "kwargs": dict(kwargs),
             },
@@ -149,7 +158,7 @@ class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
         job = None if instance is None else instance.get_job(result_id)
         if job is None or job.worker != TaskWorker._stagehand_path:
             raise TaskResultDoesNotExist(result_id)
-        return self._result(job, import_string(job.args["task"]))
+        return self._result(job, _task_of(job))
 
     def _result(self, job: Job, task: Any) -> Any:
         result: Any = TaskResult(
@@ -169,6 +178,21 @@ class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
         if job.state is JobState.COMPLETED:
             object.__setattr__(result, "_return_value", job.result)
         return result
+
+
+def _task_of(job: Job) -> Any:
+    """Return the task of a TaskWorker job, with the options it was enqueued with."""
+    task = import_string(job.args["task"])
+    options = job.args.get("task_options")
+    if not options:
+        return task
+    run_after = options.get("run_after")
+    return task.using(
+        priority=options["priority"],
+        queue_name=options["queue_name"],
+        run_after=None if run_after is None else datetime.fromisoformat(run_after),
+        backend=job.args["backend"],
+    )
 
 
 def _aware(moment: datetime) -> datetime:
@@ -197,7 +221,7 @@ class TaskWorker(Worker):
 
     def perform(self, job: Job) -> Any:
         backend = _backend(job.args["backend"])
-        task = import_string(job.args["task"])
+        task = _task_of(job)
         job.meta.setdefault("worker_ids", []).append(
             f"{backend.worker_id}:{threading.current_thread().name}"
         )

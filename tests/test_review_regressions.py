@@ -367,13 +367,8 @@ def test_status_skips_its_own_process(short_dir: str) -> None:
     assert process.pid not in pids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_result rebuilds the task with import_string(path), dropping "
-    "what Task.using() set: priority, queue_name, run_after",
-)
-def test_get_result_loses_task_options() -> None:
-    """Expected: get_result(id).task equals the enqueued result's task; actual: it is the module-level task (priority 0, queue 'default', no run_after)."""
+def test_get_result_keeps_task_options() -> None:
+    """Expected: get_result(id).task equals the enqueued result's task; before the fix: it is the module-level task (priority 0, queue 'default', no run_after)."""
     _django()
     from django.test import override_settings
 
