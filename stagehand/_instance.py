@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from stagehand import _registry
 from stagehand._clock import Clock
@@ -40,6 +40,8 @@ from stagehand.exceptions import (
 from stagehand.plugins import Plugin
 
 __all__ = ["Stagehand"]
+
+PluginT = TypeVar("PluginT", bound=Plugin)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,20 @@ class Stagehand(Control):
     def queues(self) -> list[str]:
         """The configured queue names."""
         return list(self._queues)
+
+    def plugin(self, kind: type[PluginT]) -> PluginT:
+        """Return this instance's plugin of class `kind`, such as its `Cron`.
+
+        Raises:
+            LookupError: The instance has no plugin of that class.
+        """
+        for plugin in self._plugins:
+            if isinstance(plugin, kind):
+                return plugin
+        raise LookupError(
+            f"instance {self.name!r} has no {kind.__name__} plugin; its plugins "
+            f"are {[type(plugin).__name__ for plugin in self._plugins]}"
+        )
 
     # Lifecycle
 

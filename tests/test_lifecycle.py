@@ -216,3 +216,13 @@ def test_plugin_start_failure_stops_instance() -> None:
         for thread in threading.enumerate()
         if thread.is_alive()
     )
+
+
+def test_plugin_lookup_by_class() -> None:
+    instance = Stagehand(name="plugin-lookup", plugins=[BrokenPlugin])
+
+    assert isinstance(instance.plugin(BrokenPlugin), BrokenPlugin)
+    with pytest.raises(
+        LookupError, match="has no Cron plugin; its plugins are \\['BrokenPlugin'\\]"
+    ):
+        instance.plugin(stagehand.plugins.Cron)
