@@ -314,7 +314,7 @@ class CronExpression:
         return u in self._instants(day)
 
     def next_after(self, dt: datetime) -> datetime:
-        """The first firing instant strictly after *dt* (aware), in `tz`."""
+        """Return the first firing instant strictly after *dt* (aware), in `tz`."""
         u = self._floor(dt, "next_after")
         try:
             day = u.astimezone(self.tz).date() - 2 * _DAY
@@ -381,7 +381,7 @@ class CronExpression:
         return in_dom or in_dow
 
     def _next_day(self, day: date, limit: date) -> date | None:
-        """The first date >= *day* and <= *limit* whose date fields match."""
+        """Return the first date >= *day* and <= *limit* whose date fields match."""
         while day <= limit:
             if day.month not in self._months:
                 i = bisect_right(self._months, day.month)
@@ -410,7 +410,7 @@ class CronExpression:
         )
 
     def _first_after(self, day: date, u: datetime) -> datetime | None:
-        """The first instant > *u* at which the wall times of *day* fire."""
+        """Return the first instant > *u* at which the wall times of *day* fire."""
         if not self._plain(day):
             return next((i for i in self._instants(day) if i > u), None)
         start = datetime.combine(day, time(), tzinfo=self.tz)
@@ -462,7 +462,7 @@ class CronExpression:
         return result
 
     def _gap_end(self, lo: datetime, hi: datetime) -> datetime:
-        """The first minute with *hi*'s offset in (lo, hi]: where the gap ends."""
+        """Return the first minute with *hi*'s offset in (lo, hi], where the gap ends."""
         offset = hi.astimezone(self.tz).utcoffset()
         while hi - lo > _MINUTE:
             mid = lo + (hi - lo) // _MINUTE // 2 * _MINUTE

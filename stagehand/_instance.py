@@ -326,7 +326,7 @@ class Stagehand(Control):
             job.completed_at = now
             self._finish(job)
             # The thread still runs the job; it counts as stuck until it
-            # returns and sees that it lost the job.
+            # returns and finds that it lost the job.
             self._queues[job.queue].release_stuck_slot()
             self._executor.emit_stop(job, 0.0)
             logger.warning(

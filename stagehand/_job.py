@@ -22,7 +22,7 @@ __all__ = ["Cancel", "Error", "Job", "JobState", "Snooze", "new_job_id"]
 
 @enum.unique
 class JobState(enum.StrEnum):
-    """Where a job is in its life.
+    """The stage of a job's life.
 
     `available`, `scheduled`, `executing` and `retryable` are live states;
     `completed`, `discarded` and `cancelled` are final.
@@ -90,7 +90,7 @@ def _check_seconds(name: str, value: object) -> None:
 # Job ids: a random per-process prefix and a counter. The prefix makes ids
 # unique across the peers of a cluster. A forked child draws a new prefix:
 # through os.register_at_fork, and, for servers that fork without running
-# those hooks (uWSGI by default), when new_job_id sees a new process id.
+# those hooks (uWSGI by default), when new_job_id finds a new process id.
 _id_prefix = secrets.token_hex(5)
 _id_counter = itertools.count(1)
 _id_pid = os.getpid()

@@ -1,9 +1,9 @@
 """The instance's scheduler: one thread that sleeps until the earliest due time.
 
 Scheduled jobs, retries after backoff, snoozed jobs and job timeouts all wait
-here. The thread waits on a condition until the head of its heap is due and
-is woken only when an earlier entry arrives, so an idle scheduler uses no
-CPU, whatever the distance to the next due time (months are fine).
+here. The thread waits on a condition until the head of its heap is due,
+and an insert wakes it only when the new entry becomes the head. So an idle
+scheduler uses no CPU, however far away the next due time is.
 """
 
 from __future__ import annotations

@@ -472,7 +472,7 @@ def _search(
         if matched or remaining <= 0:
             return jobs, matched
         if instance.testing == "disabled":
-            # NOTE: a running instance tells no one about inserts (that
+            # NOTE: a running instance notifies no one of inserts (that
             # would cost every production insert), so this re-checks every
             # 0.05 s.
             with _recorded_changed:
@@ -831,7 +831,7 @@ def _check_stop_states(
 
 def _is_settled(job: Job) -> bool:
     # A waiting state counts only once the scheduler holds the job, so a
-    # test that then advances a FakeClock knows the retry or snooze is queued.
+    # test that then advances a FakeClock can rely on the retry or snooze being queued.
     scheduler = job._instance._scheduler if job._instance is not None else None
     if job.state in _WAITING_STATES and scheduler is not None:
         return job._schedule_seq > 0

@@ -127,7 +127,8 @@ def test_gunicorn_preload_starts_each_worker_after_fork_never_the_master(
     lines = server.expect(STARTED, count=2)
     workers = {pid_of(line) for line in lines}
     master = server.popen.pid
-    assert len(workers) == 2 and master not in workers
+    assert len(workers) == 2
+    assert master not in workers
     assert {p["pid"] for p in status(runtime)["processes"]} == workers
     assert {path.stem for path in runtime.glob("*.sock")} == {str(p) for p in workers}
 
