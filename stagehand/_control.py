@@ -197,6 +197,12 @@ class Control:
         job = self._require(job_id)
         with self._locks_for(job):
             state = job.state
+            if state is JobState.AVAILABLE and self.testing == "disabled":
+                queue = self._queues[job.queue]
+                if not queue.remove(job):
+                    # A worker thread claimed it a moment ago.
+                    queue.settle()
+                    state = job.state
             if state is JobState.EXECUTING:
                 job.cancel_requested = True
                 return job
@@ -204,8 +210,6 @@ class Control:
                 return job
             if state in _WAITING and self._scheduler is not None:
                 self._scheduler.forget_job(job)
-            elif state is JobState.AVAILABLE and self.testing == "disabled":
-                self._queues[job.queue].remove(job)
             job.state = JobState.CANCELLED
             job.completed_at = self.clock.now()
         self._finish(job)

@@ -182,7 +182,7 @@ class Executor:
                 if performing[0]:
                     _raise_in_thread(thread_id, JobTimeout)
             if queue is not None:
-                queue.release_stuck_slot()
+                queue.release_stuck_slot(job)
             logger.warning(
                 "job %s (%s) timed out after %s s on attempt %d; its thread is "
                 "interrupted at its next Python bytecode",

@@ -327,7 +327,7 @@ class Stagehand(Control):
             self._finish(job)
             # The thread still runs the job; it counts as stuck until it
             # returns and finds that it lost the job.
-            self._queues[job.queue].release_stuck_slot()
+            self._queues[job.queue].release_stuck_slot(job)
             self._executor.emit_stop(job, 0.0)
             logger.warning(
                 "job %s (%s) abandoned: still executing after the %g s grace period",

@@ -1,11 +1,25 @@
-"""One queue: a priority heap under a condition, and its pool of threads."""
+"""One queue: a priority heap, and the pool of threads that runs its jobs.
+
+Worker threads take jobs without a lock. Under CPython's global interpreter
+lock, `heapq.heappop` on a list of ``(int, int, job)`` tuples and `dict.pop`
+each run as one indivisible step, so a thread takes the top entry of the heap
+and then claims its job by popping it from `_pending`: of several threads (a
+worker, `cancel_job`, `drain`) that reach the same job, exactly one gets it.
+With a lock on this path, eight threads on two cores formed a lock convoy in
+which every job cost two context switches; see docs/benchmarks.md.
+
+The condition `cond` is still taken by inserts, by threads going to sleep,
+and by pause, resume, scale and close.
+"""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +34,11 @@ _AVAILABLE = JobState.AVAILABLE
 _EXECUTING = JobState.EXECUTING
 _PROMOTABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED, JobState.RETRYABLE})
 
+# Free-threaded builds (3.13t) run heappop in parallel with the inserts'
+# heappush, so there a take pops under `cond`.
+# NOTE: no free-threaded build exists on the test machines; that path is untested.
+_GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
+
 # Runs one job in a worker thread. Returns True when the job's timeout took
 # the job from this thread, which must then exit: a replacement is running.
 Runner = Callable[[Job, "Queue"], bool]
@@ -30,28 +49,43 @@ class Queue:
 
     Jobs leave the heap strictly by priority (0 first), then in the order
     they became available. The heap holds ``(priority, sequence, job)``
-    entries, so jobs themselves are never compared.
+    entries, so jobs themselves are never compared. A job is available while
+    its sequence number is a key of `_pending`; an entry whose key is gone
+    (the job was cancelled, drained or queued again) is skipped.
 
-    One `threading.Condition` guards every field below. Threads that find
-    nothing to do wait on it without a timeout, so an idle queue uses no CPU.
+    Threads that find nothing to do wait on `cond` without a timeout, so an
+    idle queue uses no CPU.
     """
 
     def __init__(self, name: str, limit: int, runner: Runner, *, paused: bool = False):
         self.name = name
         self.cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[int, int, Job]] = []
+        self._pending: dict[int, Job] = {}
+        self._running: dict[int, Job] = {}
+        # Threads between their check of `paused` and `_closed` and the
+        # moment their job is marked executing; see `_settle`.
+        self._taking: set[int] = set()
         self._sequence = itertools.count()
         self._runner = runner
         self.limit = limit
         self.paused = paused
-        self.available = 0
-        self.executing = 0
         self.stuck = 0
         self._threads = 0
         self._idle = 0
         self._closed = False
         self._started = False
         self._thread_numbers = itertools.count(1)
+
+    @property
+    def available(self) -> int:
+        """Jobs waiting in the heap."""
+        return len(self._pending)
+
+    @property
+    def executing(self) -> int:
+        """Jobs running in this queue's threads, not counting stuck ones."""
+        return len(self._running)
 
     # Starting and stopping
 
@@ -64,12 +98,13 @@ class Queue:
         """Stop taking jobs from the heap. Running jobs finish; queued stay."""
         with self.cond:
             self._closed = True
+            self._settle()
             self.cond.notify_all()
 
     def wait_idle(self, deadline: float, monotonic: Callable[[], float]) -> bool:
         """Wait until no job executes or `deadline` passes; True if idle."""
         with self.cond:
-            while self.executing > 0:
+            while self._running:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     return False
@@ -86,6 +121,15 @@ class Queue:
             )
             self._threads += 1
             thread.start()
+
+    def _settle(self) -> None:
+        # Waits until no thread is part way through taking a job. A thread
+        # adds itself to `_taking` before it reads `paused` and `_closed`, so
+        # once this returns, every later take sees the values set before the
+        # call. Taking a job is a few bytecodes, so this yields the GIL a
+        # handful of times at most.
+        while self._taking:
+            time.sleep(0)
 
     # Jobs in and out
 
@@ -116,14 +160,16 @@ class Queue:
         job.state = _AVAILABLE
         sequence = next(self._sequence)
         job._queue_seq = sequence
+        # Pending first: a thread that pops the entry must find the job.
+        self._pending[sequence] = job
         heapq.heappush(self._heap, (job.priority, sequence, job))
-        self.available += 1
         if self._idle and not self.paused:
             self.cond.notify()
 
     def push_many(self, jobs: Iterable[Job]) -> int:
         """Add the jobs that are not cancelled meanwhile; return how many."""
         heap = self._heap
+        pending = self._pending
         sequence = self._sequence
         added = 0
         with self.cond:
@@ -133,41 +179,44 @@ class Queue:
                 job.state = _AVAILABLE
                 number = next(sequence)
                 job._queue_seq = number
+                pending[number] = job
                 heapq.heappush(heap, (job.priority, number, job))
                 added += 1
-            self.available += added
             if self._idle and not self.paused:
                 self.cond.notify(min(added, self._idle))
         return added
 
     def remove(self, job: Job) -> bool:
-        """Take an available job out of the count; the caller holds `cond`.
+        """Take an available job out of the queue; True if this call got it.
 
+        False means a worker thread claimed the job first: it is about to run.
         The heap entry stays and is skipped when it reaches the top.
         """
-        if job.state is not _AVAILABLE:
-            return False
-        self.available -= 1
-        return True
+        return self._pending.pop(job._queue_seq, None) is job
+
+    def settle(self) -> None:
+        """Wait until a job that `remove` lost to a thread is marked executing."""
+        self._settle()
 
     def drain(self) -> list[Job]:
         """Remove every available job, in run order, and return them."""
         with self.cond:
             entries = sorted(self._heap)
             self._heap.clear()
-            self.available = 0
-        return _current(entries)
+        return self._claim_all(entries)
 
-    def snapshot_available(self) -> list[Job]:
-        with self.cond:
-            entries = sorted(self._heap)
-        return _current(entries)
+    def _claim_all(self, entries: list[tuple[int, int, Job]]) -> list[Job]:
+        pending = self._pending
+        return [
+            job for _, sequence, job in entries if pending.pop(sequence, None) is job
+        ]
 
     # Control
 
     def pause(self) -> None:
         with self.cond:
             self.paused = True
+            self._settle()
 
     def resume(self) -> None:
         with self.cond:
@@ -182,13 +231,13 @@ class Queue:
                 self._spawn(limit - self._threads)
             self.cond.notify_all()
 
-    def release_stuck_slot(self) -> None:
-        """Hand the slot of a thread stuck past a job's timeout to a new thread.
+    def release_stuck_slot(self, job: Job) -> None:
+        """Hand the slot of a thread stuck past `job`'s timeout to a new thread.
 
         The stuck thread stops counting as executing and as a pool thread.
         """
         with self.cond:
-            self.executing -= 1
+            self._running.pop(id(job), None)
             self.stuck += 1
             self._threads -= 1
             if not self._closed:
@@ -219,6 +268,7 @@ class Queue:
                 self.name,
                 exc_info=True,
             )
+            self._taking.discard(threading.get_ident())
             with self.cond:
                 self._threads -= 1
                 if not self._closed:
@@ -226,53 +276,60 @@ class Queue:
                 self.cond.notify_all()
 
     def _work_loop(self) -> None:
-        cond = self.cond
+        me = threading.get_ident()
         heap = self._heap
+        pending = self._pending
+        running = self._running
+        taking = self._taking
         runner = self._runner
-        finished = False
+        pop = heapq.heappop if _GIL_ENABLED else self._pop_locked
         while True:
-            with cond:
-                if finished:
-                    self.executing -= 1
-                    if self._closed:
-                        cond.notify_all()
-                job = self._take(cond, heap)
-                if job is None:
+            taking.add(me)
+            if self.paused or self._closed or self._threads > self.limit:
+                taking.discard(me)
+                if not self._wait_for_work():
                     return
-            finished = True
+                continue
+            try:
+                _, sequence, _ = pop(heap)
+            except IndexError:
+                taking.discard(me)
+                if not self._wait_for_work():
+                    return
+                continue
+            job = pending.pop(sequence, None)
+            if job is None:
+                # Cancelled, drained, or queued again under a new number.
+                taking.discard(me)
+                continue
+            job.state = _EXECUTING
+            key = id(job)
+            running[key] = job
+            taking.discard(me)
             if runner(job, self):
-                with cond:
+                with self.cond:
                     self.stuck -= 1
                 return
+            del running[key]
+            if self._closed:
+                with self.cond:
+                    self.cond.notify_all()
 
-    def _take(
-        self, cond: threading.Condition, heap: list[tuple[int, int, Job]]
-    ) -> Job | None:
-        # Called with cond held. Returns None when this thread must exit.
-        while True:
-            if self._closed or self._threads > self.limit:
-                self._threads -= 1
-                cond.notify_all()
-                return None
-            if heap and not self.paused:
-                _, sequence, job = heapq.heappop(heap)
-                # A cancelled job, or an entry left behind when a cancelled
-                # job was retried, is skipped.
-                if job.state is not _AVAILABLE or job._queue_seq != sequence:
-                    continue
-                job.state = _EXECUTING
-                self.available -= 1
-                self.executing += 1
-                return job
-            self._idle += 1
-            cond.wait()
-            self._idle -= 1
+    def _pop_locked(self, heap: list[tuple[int, int, Job]]) -> tuple[int, int, Job]:
+        with self.cond:
+            return heapq.heappop(heap)
 
-
-def _current(entries: list[tuple[int, int, Job]]) -> list[Job]:
-    # Keeps the entries whose job is still available and queued by them.
-    return [
-        job
-        for _, sequence, job in entries
-        if job.state is _AVAILABLE and job._queue_seq == sequence
-    ]
+    def _wait_for_work(self) -> bool:
+        # Sleeps until the heap has entries and the queue runs; False when
+        # this thread must exit instead.
+        with self.cond:
+            while True:
+                if self._closed or self._threads > self.limit:
+                    self._threads -= 1
+                    self.cond.notify_all()
+                    return False
+                if self._heap and not self.paused:
+                    return True
+                self._idle += 1
+                self.cond.wait()
+                self._idle -= 1

@@ -39,18 +39,25 @@ class Retention:
             return
         now = self._timer()
         jobs = self._jobs
-        with self._lock:
-            # A retried job left through pop() before it runs again, so ids
-            # added here are new and the order stays oldest first.
-            jobs[job.id] = (now + self._period, job)  # type: ignore[index]
-            if len(jobs) > self._limit:
-                jobs.popitem(last=False)
-            if now >= self._next_expiry:
-                self._expire(now)
+        # One C call, so worker threads add jobs without taking the lock. A
+        # retried job left through pop() before it runs again, so ids added
+        # here are new and the order stays oldest first.
+        jobs[job.id] = (now + self._period, job)  # type: ignore[index]
+        # Trimming takes the lock only if it is free: a thread that finds it
+        # taken leaves the work to the holder or to the next add, and readers
+        # trim under the lock before they look, so they never see more than
+        # `limit` jobs.
+        if (len(jobs) > self._limit or now >= self._next_expiry) and (
+            self._lock.acquire(blocking=False)
+        ):
+            try:
+                self._trim(now)
+            finally:
+                self._lock.release()
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            self._expire(self._timer())
+            self._trim(self._timer())
             entry = self._jobs.get(job_id)
         return None if entry is None else entry[1]
 
@@ -62,24 +69,30 @@ class Retention:
     def jobs(self) -> list[Job]:
         """Return the retained jobs, oldest first."""
         with self._lock:
-            self._expire(self._timer())
+            self._trim(self._timer())
             return [job for _, job in self._jobs.values()]
 
     def __len__(self) -> int:
         with self._lock:
-            self._expire(self._timer())
+            self._trim(self._timer())
             return len(self._jobs)
 
-    def _expire(self, now: float) -> None:
-        # Drops expired jobs from the front, then remembers when the oldest
-        # remaining one expires, so add() only calls this when one may have.
+    def _trim(self, now: float) -> None:
+        # Called with the lock held. Drops jobs from the front while there are
+        # too many or the oldest has expired, then remembers when the oldest
+        # remaining one expires, so add() only trims when one may have.
         jobs = self._jobs
+        limit = self._limit
         while jobs:
-            expires, _ = next(iter(jobs.values()))
-            if expires > now:
-                self._next_expiry = expires
+            # Worker threads add jobs without the lock, so the oldest entry is
+            # taken in one call rather than by iterating; one that should stay
+            # goes back to the front.
+            job_id, entry = jobs.popitem(last=False)
+            if entry[0] > now and len(jobs) < limit:
+                jobs[job_id] = entry
+                jobs.move_to_end(job_id, last=False)
+                self._next_expiry = entry[0]
                 return
-            jobs.popitem(last=False)
         self._next_expiry = 0.0
 
     def clear(self) -> None:

@@ -67,3 +67,17 @@ class BlockingWorker(Worker):
         if job.args.get("fail"):
             raise RuntimeError("failed after release")
         return "released"
+
+
+# Filled by CountingWorker, read by the race tests; guarded by COUNT_LOCK.
+COUNT_LOCK = threading.Lock()
+COUNTS: dict[int, int] = {}
+
+
+class CountingWorker(Worker):
+    """Counts how many times the job with args["n"] ran, in COUNTS."""
+
+    def perform(self, job: Job) -> None:
+        number = job.args["n"]
+        with COUNT_LOCK:
+            COUNTS[number] = COUNTS.get(number, 0) + 1
