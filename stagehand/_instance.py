@@ -119,7 +119,11 @@ class Stagehand(Control):
         self._executor = Executor(self)
         self._queues = {
             queue.name: Queue(
-                queue.name, queue.limit, self._executor.run, paused=queue.paused
+                queue.name,
+                queue.limit,
+                self._executor.run,
+                _insert_sequence,
+                paused=queue.paused,
             )
             for queue in self.settings.queues
         }
@@ -496,7 +500,7 @@ class Stagehand(Control):
             self._unstamp(batch)
             raise
         for name, jobs in by_queue.items():
-            self._queues[name].push_many(jobs)
+            self._queues[name].push_many(jobs, inserted=True)
         return batch
 
     def _enqueue_for_testing(self, job: Job, delay: float) -> Job:

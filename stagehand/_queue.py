@@ -20,7 +20,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from stagehand._job import Job, JobState
@@ -39,6 +39,10 @@ _PROMOTABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED, JobState.RETRYA
 # NOTE: no free-threaded build exists on the test machines; that path is untested.
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 
+# A heap entry is one int: the priority above bit 56, a sequence number
+# below it. Ints compare faster than tuples and take 32 bytes, not 100.
+_PRIORITY_SHIFT = 56
+
 # Runs one job in a worker thread. Returns True when the job's timeout took
 # the job from this thread, which must then exit: a replacement is running.
 Runner = Callable[[Job, "Queue"], bool]
@@ -48,25 +52,36 @@ class Queue:
     """A queue's heap of available jobs and the threads that run them.
 
     Jobs leave the heap strictly by priority (0 first), then in the order
-    they became available. The heap holds ``(priority, sequence, job)``
-    entries, so jobs themselves are never compared. A job is available while
-    its sequence number is a key of `_pending`; an entry whose key is gone
-    (the job was cancelled, drained or queued again) is skipped.
+    they became available. Each heap entry is an int key that sorts that
+    way; `_pending` maps the key to its job. An entry whose key is gone from
+    `_pending` (the job was cancelled, drained or queued again) is skipped.
+
+    Sequence numbers come from `numbers`, which the instance shares with its
+    insert order, so a new job's key is its `_sequence` (plus its priority)
+    and costs no extra int.
 
     Threads that find nothing to do wait on `cond` without a timeout, so an
     idle queue uses no CPU.
     """
 
-    def __init__(self, name: str, limit: int, runner: Runner, *, paused: bool = False):
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        runner: Runner,
+        numbers: Iterator[int],
+        *,
+        paused: bool = False,
+    ):
         self.name = name
         self.cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[int, int, Job]] = []
+        self._heap: list[int] = []
         self._pending: dict[int, Job] = {}
         self._running: dict[int, Job] = {}
         # Threads between their check of `paused` and `_closed` and the
         # moment their job is marked executing; see `_settle`.
         self._taking: set[int] = set()
-        self._sequence = itertools.count()
+        self._numbers = numbers
         self._runner = runner
         self.limit = limit
         self.paused = paused
@@ -134,14 +149,14 @@ class Queue:
     # Jobs in and out
 
     def push(self, job: Job) -> None:
-        """Add one new job to the heap and wake one idle thread.
+        """Add one just-inserted job to the heap and wake one idle thread.
 
         Raises:
             ShuttingDown: The queue was closed by `stop()`.
         """
         with self.cond:
             self._check_open()
-            self.push_locked(job)
+            self._push_key(job, _key(job.priority, job._sequence))
 
     def ensure_open(self) -> None:
         """Raise ShuttingDown if `stop()` closed this queue."""
@@ -156,31 +171,39 @@ class Queue:
             )
 
     def push_locked(self, job: Job) -> None:
-        """Add one job to the heap; the caller holds `cond`."""
+        """Add a job that is available again; the caller holds `cond`."""
+        self._push_key(job, _key(job.priority, next(self._numbers)))
+
+    def _push_key(self, job: Job, key: int) -> None:
         job.state = _AVAILABLE
-        sequence = next(self._sequence)
-        job._queue_seq = sequence
+        job._queue_seq = key
         # Pending first: a thread that pops the entry must find the job.
-        self._pending[sequence] = job
-        heapq.heappush(self._heap, (job.priority, sequence, job))
+        self._pending[key] = job
+        heapq.heappush(self._heap, key)
         if self._idle and not self.paused:
             self.cond.notify()
 
-    def push_many(self, jobs: Iterable[Job]) -> int:
-        """Add the jobs that are not cancelled meanwhile; return how many."""
+    def push_many(self, jobs: Iterable[Job], *, inserted: bool = False) -> int:
+        """Add the jobs that are not cancelled meanwhile; return how many.
+
+        Args:
+            inserted: True when the jobs were just inserted, so their
+                `_sequence` orders them; False when they become available
+                later (a scheduled or retried job), which takes a new number.
+        """
         heap = self._heap
         pending = self._pending
-        sequence = self._sequence
+        numbers = self._numbers
         added = 0
         with self.cond:
             for job in jobs:
                 if job.state not in _PROMOTABLE:
                     continue
                 job.state = _AVAILABLE
-                number = next(sequence)
-                job._queue_seq = number
-                pending[number] = job
-                heapq.heappush(heap, (job.priority, number, job))
+                key = _key(job.priority, job._sequence if inserted else next(numbers))
+                job._queue_seq = key
+                pending[key] = job
+                heapq.heappush(heap, key)
                 added += 1
             if self._idle and not self.paused:
                 self.cond.notify(min(added, self._idle))
@@ -201,15 +224,11 @@ class Queue:
     def drain(self) -> list[Job]:
         """Remove every available job, in run order, and return them."""
         with self.cond:
-            entries = sorted(self._heap)
+            keys = sorted(self._heap)
             self._heap.clear()
-        return self._claim_all(entries)
-
-    def _claim_all(self, entries: list[tuple[int, int, Job]]) -> list[Job]:
         pending = self._pending
-        return [
-            job for _, sequence, job in entries if pending.pop(sequence, None) is job
-        ]
+        drained = (pending.pop(key, None) for key in keys)
+        return [job for job in drained if job is not None]
 
     # Control
 
@@ -291,13 +310,13 @@ class Queue:
                     return
                 continue
             try:
-                _, sequence, _ = pop(heap)
+                key = pop(heap)
             except IndexError:
                 taking.discard(me)
                 if not self._wait_for_work():
                     return
                 continue
-            job = pending.pop(sequence, None)
+            job = pending.pop(key, None)
             if job is None:
                 # Cancelled, drained, or queued again under a new number.
                 taking.discard(me)
@@ -315,7 +334,7 @@ class Queue:
                 with self.cond:
                     self.cond.notify_all()
 
-    def _pop_locked(self, heap: list[tuple[int, int, Job]]) -> tuple[int, int, Job]:
+    def _pop_locked(self, heap: list[int]) -> int:
         with self.cond:
             return heapq.heappop(heap)
 
@@ -333,3 +352,7 @@ class Queue:
                 self._idle += 1
                 self.cond.wait()
                 self._idle -= 1
+
+
+def _key(priority: int, number: int) -> int:
+    return number if priority == 0 else priority << _PRIORITY_SHIFT | number

@@ -145,7 +145,7 @@ class _PopGate:
 
     def __call__(self, heap: list[Any]) -> Any:
         entry = self.real_pop(heap)
-        if self.target is not None and entry[2] is self.target:
+        if self.target is not None and entry == self.target._queue_seq:
             self.popped.set()
             self.release.wait(HANG_GUARD)
         return entry
