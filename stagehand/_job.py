@@ -8,7 +8,7 @@ import itertools
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +120,6 @@ def new_job_id() -> str:
 on_commit_hook: Callable[[Job, Stagehand, bool | None], Job] | None = None
 
 
-@dataclass(slots=True, eq=False)
 class Job:
     """One unit of work: a worker, its arguments and its bookkeeping.
 
@@ -132,38 +131,156 @@ class Job:
     Times are aware UTC datetimes. `errors` holds one dict per failed
     attempt, with the keys ``attempt``, ``at`` (ISO 8601) and ``error``
     (the formatted traceback or the `Error` reason).
+
+    A plain class with slots rather than a dataclass: `meta` and `errors`
+    are made only when first used, which saves 120 bytes per queued job.
     """
+
+    __slots__ = (
+        "_claim",
+        "_errors",
+        "_instance",
+        "_meta",
+        "_queue_seq",
+        "_schedule_seq",
+        "_sequence",
+        "_worker_class",
+        "args",
+        "attempt",
+        "attempted_at",
+        "cancel_requested",
+        "completed_at",
+        "conflict",
+        "id",
+        "inserted_at",
+        "max_attempts",
+        "priority",
+        "queue",
+        "result",
+        "schedule_in",
+        "scheduled_at",
+        "state",
+        "tags",
+        "unique",
+        "worker",
+    )
 
     worker: str
     args: dict[str, Any]
-    queue: str = "default"
-    meta: dict[str, Any] = field(default_factory=dict)
-    tags: tuple[str, ...] = ()
-    priority: int = 0
-    max_attempts: int = 20
-    attempt: int = 0
-    state: JobState = JobState.AVAILABLE
-    id: str | None = None
-    inserted_at: datetime | None = None
-    scheduled_at: datetime | None = None
-    attempted_at: datetime | None = None
-    completed_at: datetime | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    result: Any = None
-    unique: dict[str, Any] | None = None
-    conflict: bool = False
-    cancel_requested: bool = False
+    queue: str
+    tags: tuple[str, ...]
+    priority: int
+    max_attempts: int
+    attempt: int
+    state: JobState
+    id: str | None
+    inserted_at: datetime | None
+    scheduled_at: datetime | None
+    attempted_at: datetime | None
+    completed_at: datetime | None
+    result: Any
+    unique: dict[str, Any] | None
+    conflict: bool
+    cancel_requested: bool
     # Delay requested with schedule_in, resolved against the clock on insert.
-    schedule_in: float | None = field(default=None, repr=False)
+    schedule_in: float | None
     # Bookkeeping that belongs to the instance running the job.
-    _worker_class: Any = field(default=None, repr=False)
-    _due: float = field(default=0.0, repr=False)
-    _sequence: int = field(default=0, repr=False)
-    _queue_seq: int = field(default=0, repr=False)
-    _schedule_seq: int = field(default=0, repr=False)
+    _worker_class: Any
+    _sequence: int
+    _queue_seq: int
+    _schedule_seq: int
     # Set when an attempt begins; see stagehand._execute for the race it settles.
-    _claim: list[int] | None = field(default=None, repr=False)
-    _instance: Any = field(default=None, repr=False)
+    _claim: list[int] | None
+    _instance: Any
+    _meta: dict[str, Any] | None
+    _errors: list[dict[str, Any]] | None
+
+    def __init__(
+        self,
+        worker: str,
+        args: dict[str, Any],
+        queue: str = "default",
+        meta: dict[str, Any] | None = None,
+        tags: tuple[str, ...] = (),
+        priority: int = 0,
+        max_attempts: int = 20,
+        attempt: int = 0,
+        state: JobState = JobState.AVAILABLE,
+        id: str | None = None,
+        inserted_at: datetime | None = None,
+        scheduled_at: datetime | None = None,
+        attempted_at: datetime | None = None,
+        completed_at: datetime | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        result: Any = None,
+        unique: dict[str, Any] | None = None,
+        conflict: bool = False,
+        cancel_requested: bool = False,
+        schedule_in: float | None = None,
+        _worker_class: Any = None,
+        _sequence: int = 0,
+        _queue_seq: int = 0,
+        _schedule_seq: int = 0,
+        _claim: list[int] | None = None,
+        _instance: Any = None,
+    ):
+        self.worker = worker
+        self.args = args
+        self.queue = queue
+        self._meta = meta
+        self.tags = tags
+        self.priority = priority
+        self.max_attempts = max_attempts
+        self.attempt = attempt
+        self.state = state
+        self.id = id
+        self.inserted_at = inserted_at
+        self.scheduled_at = scheduled_at
+        self.attempted_at = attempted_at
+        self.completed_at = completed_at
+        self._errors = errors
+        self.result = result
+        self.unique = unique
+        self.conflict = conflict
+        self.cancel_requested = cancel_requested
+        self.schedule_in = schedule_in
+        self._worker_class = _worker_class
+        self._sequence = _sequence
+        self._queue_seq = _queue_seq
+        self._schedule_seq = _schedule_seq
+        self._claim = _claim
+        self._instance = _instance
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form JSON data about the job, not passed to `perform`."""
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = {}
+        return meta
+
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self._meta = value
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """One dict per failed attempt, oldest first."""
+        errors = self._errors
+        if errors is None:
+            errors = self._errors = []
+        return errors
+
+    @errors.setter
+    def errors(self, value: list[dict[str, Any]]) -> None:
+        self._errors = value
+
+    def __repr__(self) -> str:
+        # Reads the private fields, so a repr never creates meta or errors.
+        shown = ", ".join(
+            f"{name.lstrip('_')}={_or_empty(self, name)!r}" for name in _REPR_FIELDS
+        )
+        return f"Job({shown})"
 
     def insert(
         self, instance: Stagehand | None = None, *, on_commit: bool | None = None
@@ -231,8 +348,10 @@ class Job:
         """Return a detached copy whose fields no longer change."""
         clone = copy.copy(self)
         clone.args = copy.deepcopy(self.args)
-        clone.meta = copy.deepcopy(self.meta)
-        clone.errors = [dict(error) for error in self.errors]
+        clone._meta = copy.deepcopy(self._meta)
+        clone._errors = (
+            None if self._errors is None else [dict(e) for e in self._errors]
+        )
         clone._claim = None
         return clone
 
@@ -243,7 +362,7 @@ class Job:
             "worker": self.worker,
             "queue": self.queue,
             "args": self.args,
-            "meta": self.meta,
+            "meta": {} if self._meta is None else self._meta,
             "tags": list(self.tags),
             "priority": self.priority,
             "max_attempts": self.max_attempts,
@@ -253,10 +372,40 @@ class Job:
             "scheduled_at": _isoformat(self.scheduled_at),
             "attempted_at": _isoformat(self.attempted_at),
             "completed_at": _isoformat(self.completed_at),
-            "errors": self.errors,
+            "errors": [] if self._errors is None else self._errors,
             "unique": self.unique,
             "conflict": self.conflict,
         }
+
+
+_REPR_FIELDS = (
+    "worker",
+    "args",
+    "queue",
+    "_meta",
+    "tags",
+    "priority",
+    "max_attempts",
+    "attempt",
+    "state",
+    "id",
+    "inserted_at",
+    "scheduled_at",
+    "attempted_at",
+    "completed_at",
+    "_errors",
+    "result",
+    "unique",
+    "conflict",
+    "cancel_requested",
+)
+
+
+def _or_empty(job: Job, name: str) -> Any:
+    value = getattr(job, name)
+    if value is None and name in ("_meta", "_errors"):
+        return {} if name == "_meta" else []
+    return value
 
 
 def _isoformat(value: datetime | None) -> str | None:

@@ -110,7 +110,6 @@ class Scheduler:
         sequence = next(self._sequence)
         if kind == _JOB:
             payload._schedule_seq = sequence
-            payload._due = due
         entry = (due, sequence, kind, payload)
         heapq.heappush(self._heap, entry)
         if self._heap[0] is entry:
