@@ -200,7 +200,10 @@ class Executor:
 
     def record(self, job: Job, worker: Worker, value: Any, duration: float) -> None:
         """Apply the outcome `value` of an attempt to `job`."""
-        if isinstance(value, BaseException):
+        if value is None:
+            # Most jobs return nothing: skip the checks below.
+            self._complete(job, None, duration)
+        elif isinstance(value, BaseException):
             text = "".join(traceback.format_exception(value))
             self._fail(job, worker, "exception", text, value, duration)
         elif isinstance(value, Error):
@@ -210,11 +213,14 @@ class Executor:
         elif isinstance(value, Cancel):
             self._cancel(job, value.reason, duration)
         else:
-            job.result = value
-            job.completed_at = self._clock.now()
-            job.state = JobState.COMPLETED
-            self._instance._finish(job)
-            self.emit_stop(job, duration)
+            self._complete(job, value, duration)
+
+    def _complete(self, job: Job, value: Any, duration: float) -> None:
+        job.result = value
+        job.completed_at = self._clock.now()
+        job.state = JobState.COMPLETED
+        self._instance._finish(job)
+        self.emit_stop(job, duration)
 
     def _fail(
         self,

@@ -78,17 +78,22 @@ class Retention:
             return len(self._jobs)
 
     def _trim(self, now: float) -> None:
-        # Called with the lock held. Drops jobs from the front while there are
-        # too many or the oldest has expired, then remembers when the oldest
-        # remaining one expires, so add() only trims when one may have.
+        # Called with the lock held; worker threads may still add at the end.
+        # Drops the oldest jobs beyond the limit, then expired ones, and
+        # remembers when the oldest remaining one expires, so add() only
+        # trims when one may have. After a count trim that time is left as
+        # it was: too early at worst, which costs one extra check.
         jobs = self._jobs
-        limit = self._limit
+        for _ in range(len(jobs) - self._limit):
+            jobs.popitem(last=False)
+        if now < self._next_expiry:
+            return
         while jobs:
-            # Worker threads add jobs without the lock, so the oldest entry is
-            # taken in one call rather than by iterating; one that should stay
-            # goes back to the front.
+            # The oldest entry is taken in one call rather than by iterating,
+            # which an add from another thread would interrupt; one that has
+            # not expired goes back to the front.
             job_id, entry = jobs.popitem(last=False)
-            if entry[0] > now and len(jobs) < limit:
+            if entry[0] > now:
                 jobs[job_id] = entry
                 jobs.move_to_end(job_id, last=False)
                 self._next_expiry = entry[0]
