@@ -23,7 +23,7 @@ from stagehand._config import (
 )
 from stagehand._control import _NEW, _RUNNING, _STOPPED, _STOPPING, Control
 from stagehand._execute import Executor, current_instance
-from stagehand._job import Job, JobState, new_job_id
+from stagehand._job import Job, JobState, ensure_fresh_ids, new_job_id
 from stagehand._leadership import FileLockLeadership, Leadership, SoloLeadership
 from stagehand._queue import Queue
 from stagehand._retention import Retention
@@ -200,6 +200,7 @@ class Stagehand(Control):
                     "build a new Stagehand(...)"
                 )
             _registry.register(self)
+            ensure_fresh_ids()
             if self.testing == "disabled":
                 self._scheduler = Scheduler(self.clock, self._promote, self.name)
                 self._scheduler.start()

@@ -17,7 +17,15 @@ from stagehand.exceptions import NotRunning, StagehandError
 if TYPE_CHECKING:
     from stagehand._instance import Stagehand
 
-__all__ = ["Cancel", "Error", "Job", "JobState", "Snooze", "new_job_id"]
+__all__ = [
+    "Cancel",
+    "Error",
+    "Job",
+    "JobState",
+    "Snooze",
+    "ensure_fresh_ids",
+    "new_job_id",
+]
 
 
 @enum.unique
@@ -90,7 +98,9 @@ def _check_seconds(name: str, value: object) -> None:
 # Job ids: a random per-process prefix and a counter. The prefix makes ids
 # unique across the peers of a cluster. A forked child draws a new prefix:
 # through os.register_at_fork, and, for servers that fork without running
-# those hooks (uWSGI by default), when new_job_id finds a new process id.
+# those hooks (uWSGI by default), when an instance starts in a process whose
+# id differs from the one that drew the prefix. Inserts need a started
+# instance, so checking there keeps the system call off every insert.
 _id_prefix = secrets.token_hex(5)
 _id_counter = itertools.count(1)
 _id_pid = os.getpid()
@@ -106,10 +116,14 @@ def _reset_ids_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_ids_after_fork)
 
 
-def new_job_id() -> str:
-    """Return an id that is unique across processes, such as ``3f9a1c0b2e-1a``."""
+def ensure_fresh_ids() -> None:
+    """Draw a new id prefix if this process was forked without fork hooks."""
     if os.getpid() != _id_pid:
         _reset_ids_after_fork()
+
+
+def new_job_id() -> str:
+    """Return an id that is unique across processes, such as ``3f9a1c0b2e-1a``."""
     return f"{_id_prefix}-{next(_id_counter):x}"
 
 

@@ -15,6 +15,7 @@ import atexit
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -656,3 +657,19 @@ def test_handler_system_exit_spares_job(
     assert _crashes(caplog) == []
     assert job.state is JobState.COMPLETED
     assert not attached
+
+
+def test_start_in_a_child_forked_without_hooks_draws_a_new_id_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # uWSGI forks without running os.register_at_fork hooks; the process id
+    # recorded with the prefix then differs from the current one.
+    from stagehand import _job
+
+    monkeypatch.setattr(_job, "_id_pid", -1)
+    old_prefix = _job._id_prefix
+    with running() as instance:
+        job = instance.insert(EchoWorker.new({"value": 1}))
+    assert not job.id.startswith(old_prefix)  # type: ignore[union-attr]
+    assert job.id.startswith(_job._id_prefix)  # type: ignore[union-attr]
+    assert _job._id_pid == os.getpid()
