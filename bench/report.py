@@ -117,6 +117,14 @@ def render_text(suite: Suite) -> str:
             lines.append(f"  [{number}] {note}")
     for name, reason in suite.skipped.items():
         lines.append(f"skipped {name}: {reason}")
+    if "stagehand" in suite.versions:
+        from bench import targets
+
+        lines.append("")
+        lines.append("Stagehand's targets")
+        for verdict in targets.check(suite):
+            result = {True: "met", False: "NOT met", None: "not checked"}[verdict.met]
+            lines.append(f"  {result:11s}  {verdict.target}: {verdict.measured}")
     return "\n".join(lines)
 
 
@@ -147,6 +155,18 @@ def render_markdown(suite: Suite, method: str) -> str:
     for name, reason in suite.skipped.items():
         lines.append(f"| {name} | skipped: {reason} |")
     lines.append("")
+    if "stagehand" in suite.versions:
+        from bench import targets
+
+        lines += [
+            "## Stagehand's targets",
+            "",
+            "Issue 6's targets, checked against this run's medians. "
+            "docs/performance.md explains the figures that miss.",
+            "",
+            *targets.render(targets.check(suite)),
+            "",
+        ]
     for bench in suite.benchmarks:
         lines.extend(_markdown_section(suite, bench))
     lines.append(method.strip())
