@@ -195,23 +195,36 @@ class Control:
             JobNotFound: No live or retained job has this id.
         """
         job = self._require(job_id)
-        with self._locks_for(job):
-            state = job.state
-            if state is JobState.AVAILABLE and self.testing == "disabled":
+        while True:
+            with self._locks_for(job):
+                state = job.state
                 queue = self._queues[job.queue]
-                if not queue.remove(job):
-                    # A worker thread claimed it a moment ago.
-                    queue.settle()
-                    state = job.state
-            if state is JobState.EXECUTING:
-                job.cancel_requested = True
-                return job
-            if state.is_final:
-                return job
-            if state in _WAITING and self._scheduler is not None:
-                self._scheduler.forget_job(job)
-            job.state = JobState.CANCELLED
-            job.completed_at = self.clock.now()
+                # An available job that is not in the queue is either being
+                # claimed by a worker thread, or inserted but not pushed yet;
+                # its push then skips it once it is cancelled below.
+                taken = (
+                    state is JobState.AVAILABLE
+                    and self.testing == "disabled"
+                    and not queue.remove(job)
+                    and queue.taking()
+                )
+                if not taken:
+                    taken = False
+                    if state is JobState.EXECUTING:
+                        job.cancel_requested = True
+                        return job
+                    if state.is_final:
+                        return job
+                    if state in _WAITING and self._scheduler is not None:
+                        self._scheduler.forget_job(job)
+                    job.state = JobState.CANCELLED
+                    job.completed_at = self.clock.now()
+            if not taken:
+                break
+            # A worker thread may have claimed the job a moment ago. Once it
+            # has marked its job executing, look again, without the locks
+            # meanwhile.
+            queue.settle()
         self._finish(job)
         logger.info("job %s (%s) cancelled", job.id, job.worker)
         self._executor.emit_stop(job, 0.0)

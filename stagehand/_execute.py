@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from datetime import timedelta
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from stagehand import events
@@ -43,6 +44,8 @@ _clear_in_thread = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void
 
 
 _running = threading.local()
+_handlers = events._by_event
+_COMPLETED = JobState.COMPLETED
 
 
 def current_instance() -> Stagehand | None:
@@ -66,21 +69,37 @@ class Executor:
     def __init__(self, instance: Stagehand):
         self._instance = instance
         self._clock = instance.clock
+        self._now = instance.clock.now
 
     # Running
 
     def run(self, job: Job, queue: Queue | None) -> bool:
         """Run one attempt of `job`.
 
+        This is every job's path, so it avoids calls it does not need: a
+        worker thread keeps its instance in `_running` between jobs, and a
+        job that returns None is completed here.
+
         Returns:
             True when the job's timeout finished the attempt first; the
             calling thread must then exit, since a replacement runs.
         """
-        worker = self._begin(job)
-        claim: list[int] = job._claim  # type: ignore[assignment]
+        instance = self._instance
+        attempt = job.attempt + 1
+        job.attempt = attempt
+        job.attempted_at = self._now()
+        claim = job._claim = [attempt]
+        if "job.start" in _handlers:
+            events.emit(
+                "job.start",
+                {"system_time": time.time()},
+                {"job": job, "instance": instance.name},
+            )
+        worker: Worker = job._worker_class()
         outer = getattr(_running, "instance", None)
-        _running.instance = self._instance
-        started = time.perf_counter()
+        if outer is not instance:
+            _running.instance = instance
+        started = perf_counter()
         try:
             if worker._stagehand_has_timeout:
                 value, won = self._perform_with_timeout(job, worker, queue, claim)
@@ -91,10 +110,21 @@ class Executor:
                     value = error
                 won = _try_claim(claim)
         finally:
-            _running.instance = outer
+            # Inline runs restore the caller's instance; a pool thread keeps
+            # its own, since it runs no other instance's jobs.
+            if outer is not instance and queue is None:
+                _running.instance = outer
         if not won:
             return True
-        self.record(job, worker, value, time.perf_counter() - started)
+        duration = perf_counter() - started
+        if value is None:
+            job.completed_at = self._now()
+            job.state = _COMPLETED
+            instance._finish(job)
+            if "job.stop" in _handlers:
+                self.emit_stop(job, duration)
+        else:
+            self.record(job, worker, value, duration)
         return False
 
     def _perform_with_timeout(
@@ -124,19 +154,6 @@ class Executor:
             performing[0] = False
             won = False
         return value, won
-
-    def _begin(self, job: Job) -> Worker:
-        job.attempt += 1
-        job.attempted_at = self._clock.now()
-        job._claim = [job.attempt]
-        if events.has_handlers("job.start"):
-            events.emit(
-                "job.start",
-                {"system_time": time.time()},
-                {"job": job, "instance": self._instance.name},
-            )
-        worker_class = job._worker_class
-        return worker_class()  # type: ignore[no-any-return]
 
     def _arm_timeout(
         self,

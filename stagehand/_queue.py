@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 _AVAILABLE = JobState.AVAILABLE
 _EXECUTING = JobState.EXECUTING
-_PROMOTABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED, JobState.RETRYABLE})
+_WAITING = frozenset({JobState.SCHEDULED, JobState.RETRYABLE})
 
 # Free-threaded builds (3.13t) run heappop in parallel with the inserts'
 # heappush, so there a take pops under `cond`.
@@ -113,8 +113,8 @@ class Queue:
         """Stop taking jobs from the heap. Running jobs finish; queued stay."""
         with self.cond:
             self._closed = True
-            self._settle()
             self.cond.notify_all()
+        self._settle()
 
     def wait_idle(self, deadline: float, monotonic: Callable[[], float]) -> bool:
         """Wait until no job executes or `deadline` passes; True if idle."""
@@ -142,7 +142,9 @@ class Queue:
         # adds itself to `_taking` before it reads `paused` and `_closed`, so
         # once this returns, every later take sees the values set before the
         # call. Taking a job is a few bytecodes, so this yields the GIL a
-        # handful of times at most.
+        # handful of times at most. The caller must not hold `cond`: a take
+        # can free a job whose finalizer inserts, and free-threaded builds
+        # pop under `cond`.
         while self._taking:
             time.sleep(0)
 
@@ -156,7 +158,9 @@ class Queue:
         """
         with self.cond:
             self._check_open()
-            self._push_key(job, _key(job.priority, job._sequence))
+            # cancel_job may have cancelled it since it was stamped.
+            if job.state is _AVAILABLE:
+                self._push_key(job, _key(job.priority, job._sequence))
 
     def ensure_open(self) -> None:
         """Raise ShuttingDown if `stop()` closed this queue."""
@@ -197,7 +201,14 @@ class Queue:
         added = 0
         with self.cond:
             for job in jobs:
-                if job.state not in _PROMOTABLE:
+                if not inserted:
+                    # The scheduler marked the job -1 when it took it. A job
+                    # cancelled and retried meanwhile is queued already, and
+                    # one scheduled again waits for its new time.
+                    if job.state not in _WAITING or job._schedule_seq != -1:
+                        continue
+                    job._schedule_seq = 0
+                elif job.state is not _AVAILABLE:
                     continue
                 job.state = _AVAILABLE
                 key = _key(job.priority, job._sequence if inserted else next(numbers))
@@ -217,8 +228,15 @@ class Queue:
         """
         return self._pending.pop(job._queue_seq, None) is job
 
+    def taking(self) -> bool:
+        """True while some thread is part way through taking a job."""
+        return bool(self._taking)
+
     def settle(self) -> None:
-        """Wait until a job that `remove` lost to a thread is marked executing."""
+        """Wait until a job that `remove` lost to a thread is marked executing.
+
+        Call it without holding `cond` or the scheduler's lock.
+        """
         self._settle()
 
     def drain(self) -> list[Job]:
@@ -235,7 +253,7 @@ class Queue:
     def pause(self) -> None:
         with self.cond:
             self.paused = True
-            self._settle()
+        self._settle()
 
     def resume(self) -> None:
         with self.cond:
@@ -256,7 +274,9 @@ class Queue:
         The stuck thread stops counting as executing and as a pool thread.
         """
         with self.cond:
-            self._running.pop(id(job), None)
+            for thread, running in list(self._running.items()):
+                if running is job:
+                    del self._running[thread]
             self.stuck += 1
             self._threads -= 1
             if not self._closed:
@@ -322,14 +342,15 @@ class Queue:
                 taking.discard(me)
                 continue
             job.state = _EXECUTING
-            key = id(job)
-            running[key] = job
+            running[me] = job
             taking.discard(me)
             if runner(job, self):
                 with self.cond:
                     self.stuck -= 1
                 return
-            del running[key]
+            # A job that snoozed for 0 s may already run in another thread,
+            # so the entry is keyed by this thread, not by the job.
+            del running[me]
             if self._closed:
                 with self.cond:
                     self.cond.notify_all()

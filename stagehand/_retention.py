@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 
 from stagehand._job import Job
 
 __all__ = ["Retention"]
+
+# One retained job: (expiry on the timer's scale, job).
+_Entry = tuple[float, Job]
 
 
 class Retention:
@@ -16,9 +19,15 @@ class Retention:
 
     Every job gets the same period, so jobs expire in the order they were
     added, and both the time limit and the count limit only ever remove the
-    oldest entries. An `OrderedDict` does that in constant time per job.
-    (`cachetools.TTLCache` does the same work but took about half of a
-    no-op job's run time in a profile of the worker thread.)
+    oldest entries. A dict finds a job by id and a deque of the same entries
+    keeps their order, so adding and trimming cost constant time per job.
+    (An `OrderedDict` took a third of a no-op job's run time, and
+    `cachetools.TTLCache` half of it.)
+
+    Worker threads add without the lock: a dict store and a deque append are
+    each one step under the GIL. Trimming takes the lock, and an add trims
+    only if the lock is free; readers trim under the lock before they look,
+    so they never see more than `limit` jobs or an expired one.
 
     Args:
         period: Seconds a job stays, on the `timer` scale.
@@ -31,25 +40,30 @@ class Retention:
         self._limit = limit
         self._timer = timer
         self._lock = threading.Lock()
-        self._jobs: OrderedDict[str, tuple[float, Job]] = OrderedDict()
-        self._next_expiry = 0.0
+        self._by_id: dict[str, _Entry] = {}
+        # The same entries in the order they were added. An entry whose job
+        # left through pop(), or was added again since, is stale: the dict
+        # no longer holds that entry object, and trimming skips it.
+        self._order: deque[_Entry] = deque()
+        # An add trims only once the table is this many jobs over the limit,
+        # or the oldest job expired this long ago, so trimming runs once per
+        # batch of finished jobs rather than after each one.
+        self._count_slack = max(1, min(1024, limit // 16))
+        self._time_slack = min(1.0, period / 16)
+        self._trim_at = 0.0
 
     def add(self, job: Job) -> None:
         if not self._limit:
             return
         now = self._timer()
-        jobs = self._jobs
-        # One C call, so worker threads add jobs without taking the lock. A
-        # retried job left through pop() before it runs again, so ids added
-        # here are new and the order stays oldest first.
-        jobs[job.id] = (now + self._period, job)  # type: ignore[index]
-        # Trimming takes the lock only if it is free: a thread that finds it
-        # taken leaves the work to the holder or to the next add, and readers
-        # trim under the lock before they look, so they never see more than
-        # `limit` jobs.
-        if (len(jobs) > self._limit or now >= self._next_expiry) and (
-            self._lock.acquire(blocking=False)
-        ):
+        entry = (now + self._period, job)
+        # A retried job left through pop() before it ran again, so ids added
+        # here are new.
+        self._by_id[job.id] = entry  # type: ignore[index]
+        self._order.append(entry)
+        if (
+            len(self._by_id) > self._limit + self._count_slack or now >= self._trim_at
+        ) and self._lock.acquire(blocking=False):
             try:
                 self._trim(now)
             finally:
@@ -58,48 +72,45 @@ class Retention:
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             self._trim(self._timer())
-            entry = self._jobs.get(job_id)
+            entry = self._by_id.get(job_id)
         return None if entry is None else entry[1]
 
     def pop(self, job_id: str) -> Job | None:
         with self._lock:
-            entry = self._jobs.pop(job_id, None)
+            entry = self._by_id.pop(job_id, None)
         return None if entry is None else entry[1]
 
     def jobs(self) -> list[Job]:
         """Return the retained jobs, oldest first."""
         with self._lock:
             self._trim(self._timer())
-            return [job for _, job in self._jobs.values()]
+            return [job for _, job in list(self._by_id.values())]
 
     def __len__(self) -> int:
         with self._lock:
             self._trim(self._timer())
-            return len(self._jobs)
+            return len(self._by_id)
 
     def _trim(self, now: float) -> None:
-        # Called with the lock held; worker threads may still add at the end.
-        # Drops the oldest jobs beyond the limit, then expired ones, and
-        # remembers when the oldest remaining one expires, so add() only
-        # trims when one may have. After a count trim that time is left as
-        # it was: too early at worst, which costs one extra check.
-        jobs = self._jobs
-        for _ in range(len(jobs) - self._limit):
-            jobs.popitem(last=False)
-        if now < self._next_expiry:
-            return
-        while jobs:
-            # The oldest entry is taken in one call rather than by iterating,
-            # which an add from another thread would interrupt; one that has
-            # not expired goes back to the front.
-            job_id, entry = jobs.popitem(last=False)
-            if entry[0] > now:
-                jobs[job_id] = entry
-                jobs.move_to_end(job_id, last=False)
-                self._next_expiry = entry[0]
+        # Called with the lock held; worker threads may still add at the
+        # right end. Drops entries from the left while there are too many
+        # jobs or the oldest has expired, then sets when add() trims next.
+        by_id = self._by_id
+        order = self._order
+        limit = self._limit
+        while order:
+            expires, job = order[0]
+            if by_id.get(job.id) is not order[0]:  # type: ignore[arg-type]
+                order.popleft()  # stale
+                continue
+            if expires > now and len(by_id) <= limit:
+                self._trim_at = expires + self._time_slack
                 return
-        self._next_expiry = 0.0
+            order.popleft()
+            del by_id[job.id]  # type: ignore[arg-type]
+        self._trim_at = 0.0
 
     def clear(self) -> None:
         with self._lock:
-            self._jobs.clear()
+            self._by_id.clear()
+            self._order.clear()
