@@ -58,7 +58,7 @@ class Control:
 
     if TYPE_CHECKING:
 
-        def _finish(self, job: Job) -> None: ...
+        def _finish(self, job: Job, state: JobState) -> None: ...
 
         def _record_locked(self, job: Job) -> None: ...
 
@@ -93,10 +93,16 @@ class Control:
             raise InvalidOption(
                 f"worker must be a Worker subclass or its dotted path; got {worker!r}"
             )
-        # A job moving between the live and retained tables may be in both
-        # for a moment; keyed by id, it is listed once.
-        found = {job.id: job for job in self._retained.jobs()}
-        found.update(self._live)
+        # Jobs move between the live and retained tables while this runs. A
+        # finishing job is retained before its state becomes final, and a
+        # retried one is live before it leaves retention, so copying the live
+        # jobs that are not final, then the retained ones, then the live ones
+        # again misses none, and lists no more finished jobs than retention
+        # holds. Keyed by id, a job in two copies is listed once.
+        live = self._live
+        found = {i: job for i, job in list(live.items()) if not job.is_final}
+        found.update((job.id, job) for job in self._retained.jobs())  # type: ignore[misc]
+        found.update((i, job) for i, job in list(live.items()) if not job.is_final)
         selected = [
             job
             for job in found.values()
@@ -217,15 +223,14 @@ class Control:
                         return job
                     if state in _WAITING and self._scheduler is not None:
                         self._scheduler.forget_job(job)
-                    job.state = JobState.CANCELLED
                     job.completed_at = self.clock.now()
+                    self._finish(job, JobState.CANCELLED)
             if not taken:
                 break
             # A worker thread may have claimed the job a moment ago. Once it
             # has marked its job executing, look again, without the locks
             # meanwhile.
             queue.settle()
-        self._finish(job)
         logger.info("job %s (%s) cancelled", job.id, job.worker)
         self._executor.emit_stop(job, 0.0)
         return job
@@ -258,12 +263,13 @@ class Control:
             job.completed_at = None
             job.scheduled_at = self.clock.now()
             self._live[job.id] = job  # type: ignore[index]
-            # Out of the retained jobs before it can run and finish again.
+            # No longer final before it leaves retention, so jobs() lists it
+            # throughout; out of retention before it can run and finish again.
+            job.state = JobState.AVAILABLE
             self._retained.pop(job.id)  # type: ignore[arg-type]
             if self.testing == "disabled":
                 self._queues[job.queue].push_locked(job)
             else:
-                job.state = JobState.AVAILABLE
                 self._record_locked(job)
         logger.info("job %s (%s) made available by retry_job", job.id, job.worker)
         return job

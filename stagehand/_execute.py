@@ -119,8 +119,7 @@ class Executor:
         duration = perf_counter() - started
         if value is None:
             job.completed_at = self._now()
-            job.state = _COMPLETED
-            instance._finish(job)
+            instance._finish(job, _COMPLETED)
             if "job.stop" in _handlers:
                 self.emit_stop(job, duration)
         else:
@@ -235,8 +234,7 @@ class Executor:
     def _complete(self, job: Job, value: Any, duration: float) -> None:
         job.result = value
         job.completed_at = self._clock.now()
-        job.state = JobState.COMPLETED
-        self._instance._finish(job)
+        self._instance._finish(job, JobState.COMPLETED)
         self.emit_stop(job, duration)
 
     def _fail(
@@ -255,10 +253,9 @@ class Executor:
         )
         self._log_failure(job, kind, text, error)
         if job.cancel_requested:
-            job.state = JobState.CANCELLED
             job.completed_at = now
             logger.info("job %s failed after its cancellation was requested", job.id)
-            self._instance._finish(job)
+            self._instance._finish(job, JobState.CANCELLED)
         elif job.attempt < job.max_attempts:
             delay = self._backoff(job, worker)
             job.state = JobState.RETRYABLE
@@ -273,7 +270,6 @@ class Executor:
             )
             self._instance._hold(job, monotonic + delay)
         else:
-            job.state = JobState.DISCARDED
             job.completed_at = now
             logger.warning(
                 "job %s (%s) discarded: attempt %d of %d failed",
@@ -282,7 +278,7 @@ class Executor:
                 job.attempt,
                 job.max_attempts,
             )
-            self._instance._finish(job)
+            self._instance._finish(job, JobState.DISCARDED)
         if events.has_handlers("job.exception"):
             events.emit(
                 "job.exception",
@@ -341,10 +337,9 @@ class Executor:
                 "error": f"cancelled: {_reason_text(reason)}",
             }
         )
-        job.state = JobState.CANCELLED
         job.completed_at = now
         logger.info("job %s (%s) cancelled by its worker", job.id, job.worker)
-        self._instance._finish(job)
+        self._instance._finish(job, JobState.CANCELLED)
         self.emit_stop(job, duration)
 
     def _backoff(self, job: Job, worker: Worker) -> float:

@@ -327,9 +327,8 @@ class Stagehand(Control):
                     f"period of {self.settings.shutdown_grace_period:g} s ended",
                 }
             )
-            job.state = JobState.DISCARDED
             job.completed_at = now
-            self._finish(job)
+            self._finish(job, JobState.DISCARDED)
             # The thread still runs the job; it counts as stuck until it
             # returns and finds that it lost the job.
             self._queues[job.queue].release_stuck_slot(job)
@@ -545,9 +544,12 @@ class Stagehand(Control):
         if self._scheduler is not None:
             self._scheduler.add_job(job, due)
 
-    def _finish(self, job: Job) -> None:
-        # Retained first, so get_job never misses a job that is finishing.
+    def _finish(self, job: Job, state: JobState) -> None:
+        # Retained before its final state is set, and that before it leaves
+        # the live jobs: a reader that sees the final state finds the job in
+        # retention, and get_job never misses it.
         self._retained.add(job)
+        job.state = state
         self._live.pop(job.id, None)  # type: ignore[arg-type]
 
 

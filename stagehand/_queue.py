@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from heapq import heappush
 from typing import Any
 
 from stagehand._job import Job, JobState
@@ -87,7 +88,10 @@ class Queue:
         self.paused = paused
         self.stuck = 0
         self._threads = 0
-        self._idle = 0
+        # The wake locks of idle threads, each held locked by its sleeping
+        # thread; releasing one wakes that thread. Cheaper than waiting on
+        # `cond`, which makes a new lock for every wait.
+        self._sleepers: list[threading.Lock] = []
         self._closed = False
         self._started = False
         self._thread_numbers = itertools.count(1)
@@ -113,7 +117,7 @@ class Queue:
         """Stop taking jobs from the heap. Running jobs finish; queued stay."""
         with self.cond:
             self._closed = True
-            self.cond.notify_all()
+            self._wake_all()
         self._settle()
 
     def wait_idle(self, deadline: float, monotonic: Callable[[], float]) -> bool:
@@ -137,6 +141,14 @@ class Queue:
             self._threads += 1
             thread.start()
 
+    def _wake_all(self) -> None:
+        # Wakes every idle thread and every wait_idle() caller; the caller
+        # holds `cond`.
+        sleepers = self._sleepers
+        while sleepers:
+            sleepers.pop().release()
+        self.cond.notify_all()
+
     def _settle(self) -> None:
         # Waits until no thread is part way through taking a job. A thread
         # adds itself to `_taking` before it reads `paused` and `_closed`, so
@@ -156,11 +168,23 @@ class Queue:
         Raises:
             ShuttingDown: The queue was closed by `stop()`.
         """
+        # Every insert comes here, so _push_key and _key are written out.
         with self.cond:
-            self._check_open()
-            # cancel_job may have cancelled it since it was stamped.
-            if job.state is _AVAILABLE:
-                self._push_key(job, _key(job.priority, job._sequence))
+            if self._closed:
+                self._check_open()
+            # cancel_job may have cancelled it since it was stamped, and
+            # retry_job queued it again.
+            if job.state is _AVAILABLE and not job._queue_seq:
+                priority = job.priority
+                key = job._sequence
+                if priority:
+                    key |= priority << _PRIORITY_SHIFT
+                job._queue_seq = key
+                # Pending first: a thread that pops the entry must find the job.
+                self._pending[key] = job
+                heappush(self._heap, key)
+                if self._sleepers and not self.paused:
+                    self._sleepers.pop().release()
 
     def ensure_open(self) -> None:
         """Raise ShuttingDown if `stop()` closed this queue."""
@@ -179,13 +203,15 @@ class Queue:
         self._push_key(job, _key(job.priority, next(self._numbers)))
 
     def _push_key(self, job: Job, key: int) -> None:
+        if self._pending.get(job._queue_seq) is job:
+            return  # queued already; a job has one key at a time
         job.state = _AVAILABLE
         job._queue_seq = key
         # Pending first: a thread that pops the entry must find the job.
         self._pending[key] = job
         heapq.heappush(self._heap, key)
-        if self._idle and not self.paused:
-            self.cond.notify()
+        if self._sleepers and not self.paused:
+            self._sleepers.pop().release()
 
     def push_many(self, jobs: Iterable[Job], *, inserted: bool = False) -> int:
         """Add the jobs that are not cancelled meanwhile; return how many.
@@ -216,8 +242,9 @@ class Queue:
                 pending[key] = job
                 heapq.heappush(heap, key)
                 added += 1
-            if self._idle and not self.paused:
-                self.cond.notify(min(added, self._idle))
+            sleepers = self._sleepers
+            for _ in range(min(added, len(sleepers)) if not self.paused else 0):
+                sleepers.pop().release()
         return added
 
     def remove(self, job: Job) -> bool:
@@ -258,7 +285,7 @@ class Queue:
     def resume(self) -> None:
         with self.cond:
             self.paused = False
-            self.cond.notify_all()
+            self._wake_all()
 
     def scale(self, limit: int) -> None:
         """Set the number of threads; extra threads exit when they go idle."""
@@ -266,7 +293,7 @@ class Queue:
             self.limit = limit
             if self._started and not self._closed:
                 self._spawn(limit - self._threads)
-            self.cond.notify_all()
+            self._wake_all()
 
     def release_stuck_slot(self, job: Job) -> None:
         """Hand the slot of a thread stuck past `job`'s timeout to a new thread.
@@ -281,7 +308,7 @@ class Queue:
             self._threads -= 1
             if not self._closed:
                 self._spawn(self.limit - self._threads)
-            self.cond.notify_all()
+            self._wake_all()
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
@@ -312,7 +339,7 @@ class Queue:
                 self._threads -= 1
                 if not self._closed:
                     self._spawn(self.limit - self._threads)
-                self.cond.notify_all()
+                self._wake_all()
 
     def _work_loop(self) -> None:
         me = threading.get_ident()
@@ -322,18 +349,19 @@ class Queue:
         taking = self._taking
         runner = self._runner
         pop = heapq.heappop if _GIL_ENABLED else self._pop_locked
+        wake = threading.Lock()
         while True:
             taking.add(me)
             if self.paused or self._closed or self._threads > self.limit:
                 taking.discard(me)
-                if not self._wait_for_work():
+                if not self._wait_for_work(wake):
                     return
                 continue
             try:
                 key = pop(heap)
             except IndexError:
                 taking.discard(me)
-                if not self._wait_for_work():
+                if not self._wait_for_work(wake):
                     return
                 continue
             job = pending.pop(key, None)
@@ -353,26 +381,32 @@ class Queue:
             del running[me]
             if self._closed:
                 with self.cond:
-                    self.cond.notify_all()
+                    self._wake_all()
 
     def _pop_locked(self, heap: list[int]) -> int:
         with self.cond:
             return heapq.heappop(heap)
 
-    def _wait_for_work(self) -> bool:
+    def _wait_for_work(self, wake: threading.Lock) -> bool:
         # Sleeps until the heap has entries and the queue runs; False when
         # this thread must exit instead.
         with self.cond:
             while True:
                 if self._closed or self._threads > self.limit:
                     self._threads -= 1
-                    self.cond.notify_all()
+                    self._wake_all()
                     return False
                 if self._heap and not self.paused:
                     return True
-                self._idle += 1
-                self.cond.wait()
-                self._idle -= 1
+                wake.acquire()
+                self._sleepers.append(wake)
+                self.cond.release()
+                try:
+                    # Blocks until a push or _wake_all() releases it.
+                    wake.acquire()
+                    wake.release()
+                finally:
+                    self.cond.acquire()
 
 
 def _key(priority: int, number: int) -> int:

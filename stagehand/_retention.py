@@ -84,12 +84,14 @@ class Retention:
         """Return the retained jobs, oldest first."""
         with self._lock:
             self._trim(self._timer())
-            return [job for _, job in list(self._by_id.values())]
+            entries = list(self._by_id.values())
+        # Worker threads may have added more since the trim.
+        return [job for _, job in entries[-self._limit :]] if self._limit else []
 
     def __len__(self) -> int:
         with self._lock:
             self._trim(self._timer())
-            return len(self._by_id)
+            return min(len(self._by_id), self._limit)
 
     def _trim(self, now: float) -> None:
         # Called with the lock held; worker threads may still add at the

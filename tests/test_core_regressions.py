@@ -469,7 +469,8 @@ def test_get_job_finds_finishing_job() -> None:
     try:
         job = instance.insert(EchoWorker.new({}, queue=queue))
         assert clock.parked.wait(HANG_GUARD)
-        assert job.state is JobState.COMPLETED
+        # The state turns final only once the job is retained.
+        assert job.state is JobState.EXECUTING
         assert instance.get_job(job.id) is job  # type: ignore[arg-type]
         assert job in instance.jobs()
     finally:
