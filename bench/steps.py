@@ -1,0 +1,133 @@
+"""Time the steps of one Stagehand job, and the bare pool at 1, 2 and 8 threads.
+
+Run from the repository root: ``python3 -m bench.steps``. It prints the
+figures behind docs/performance.md. Nothing here fails on a slow result.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import threading
+import timeit
+from time import perf_counter
+from typing import Any
+
+import stagehand
+from bench.systems.heap_pool import HeapPool
+from bench.systems.stagehand_runner import NoopWorker
+from bench.track import TRACKER, perform
+from stagehand import JobState, _options
+from stagehand._job import Job, new_job_id
+
+CALLS = 200_000
+JOBS = 100_000
+POOL_JOBS = 20_000
+
+
+def per_call(statement: str, names: dict[str, Any], calls: int = CALLS) -> float:
+    """Return the microseconds one run of ``statement`` takes."""
+    return timeit.timeit(statement, number=calls, globals=names) / calls * 1e6
+
+
+def step_table() -> None:
+    instance = stagehand.Stagehand(name="steps", queues={"default": 1}).start()
+    instance.pause_queue("default")
+    args = {"i": 1}
+    names: dict[str, Any] = {
+        "NoopWorker": NoopWorker,
+        "Job": Job,
+        "args": args,
+        "normalize": _options.normalize_json_dict,
+        "new_job_id": new_job_id,
+        "instance": instance,
+    }
+    rows = [
+        ("Worker.new(args)", "NoopWorker.new(args)"),
+        (
+            "  the Job record",
+            "Job(worker='w', args=args, queue='default', tags=(), priority=0, "
+            "max_attempts=20, unique=None, _worker_class=NoopWorker)",
+        ),
+        ("  checking and copying args", "normalize(args, 'args')"),
+        ("new_job_id()", "new_job_id()"),
+        ("clock.now()", "instance.clock.now()"),
+    ]
+    print(f"One thread, {CALLS:,} calls each (microseconds per call)")
+    for label, statement in rows:
+        print(f"  {label:34s} {per_call(statement, names):6.2f}")
+    jobs = iter([NoopWorker.new(args) for _ in range(CALLS)])
+    names["jobs"] = jobs
+    inserted = per_call("instance.insert(next(jobs))", names)
+    print(f"  {'insert(job) into a paused queue':34s} {inserted:6.2f}")
+    instance.stop()
+
+    for collect in (True, False):
+        print(
+            f"  {_run_attempts(collect):6.2f}  one attempt of a no-op job"
+            f" ({'with' if collect else 'without'} the cyclic GC)"
+        )
+
+
+def _run_attempts(collect: bool) -> float:
+    # Runs each job's attempt in this thread through the executor, the way a
+    # worker thread does after taking it.
+    instance = stagehand.Stagehand(name=f"attempts-{collect}", queues={"default": 1})
+    instance.start()
+    instance.pause_queue("default")
+    jobs = [instance.insert(NoopWorker.new({"i": i})) for i in range(JOBS)]
+    queue = instance._queues["default"]
+    for job in jobs:
+        queue.remove(job)
+        job.state = JobState.EXECUTING
+    TRACKER.reset(JOBS)
+    run = instance._executor.run
+    if not collect:
+        gc.disable()
+    began = perf_counter()
+    for job in jobs:
+        run(job, queue)
+    elapsed = perf_counter() - began
+    gc.enable()
+    instance.stop()
+    return elapsed / JOBS * 1e6
+
+
+def pool_table() -> None:
+    print(
+        f"\nBare heap pool: {POOL_JOBS:,} jobs pushed at once, then run "
+        "(microseconds per job to run them)"
+    )
+    for workers, interval in ((1, None), (2, None), (8, None), (8, 0.05)):
+        label = f"{workers} thread(s)"
+        if interval is not None:
+            label += f", switch interval {interval} s"
+        print(f"  {label:34s} {_pool_run(workers, interval):6.2f}")
+
+
+def _pool_run(workers: int, interval: float | None) -> float:
+    old_interval = sys.getswitchinterval()
+    if interval is not None:
+        sys.setswitchinterval(interval)
+    pool = HeapPool(workers)
+    pool.start()
+    TRACKER.reset(POOL_JOBS)
+    pool.push_many(perform, [{"i": i} for i in range(POOL_JOBS)])
+    pushed = perf_counter()
+    TRACKER.wait(120)
+    pool.stop()
+    sys.setswitchinterval(old_interval)
+    return (TRACKER.finished_at - pushed) / POOL_JOBS * 1e6
+
+
+def main() -> None:
+    # The paused instances stop with jobs queued; that warning is expected.
+    logging.getLogger("stagehand").setLevel(logging.ERROR)
+    print(f"Python {sys.version.split()[0]}, {threading.active_count()} thread(s)")
+    step_table()
+    pool_table()
+
+
+if __name__ == "__main__":
+    main()
