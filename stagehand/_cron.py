@@ -87,6 +87,12 @@ _MINUTE = timedelta(minutes=1)
 _DAY = timedelta(days=1)
 
 
+def _shift(day: date, days: int) -> date:
+    """Return *day* moved by *days*, held within date.min and date.max."""
+    ordinal = day.toordinal() + days
+    return date.fromordinal(min(max(ordinal, 1), date.max.toordinal()))
+
+
 def parse(expression: str, tz: str | tzinfo | None = None) -> CronExpression:
     """Parse a five-field cron expression or nickname, evaluated in *tz*.
 
@@ -302,7 +308,7 @@ class CronExpression:
         """True if the entry fires at the minute containing *dt* (aware)."""
         u = self._floor(dt, "matches")
         day = u.astimezone(self.tz).date()
-        for earlier in (day - 2 * _DAY, day - _DAY):
+        for earlier in {_shift(day, -2), _shift(day, -1)} - {day}:
             # only a transition day can fire on a later date (after a gap)
             if not self._plain(earlier) and u in self._instants(earlier):
                 return True
@@ -316,11 +322,10 @@ class CronExpression:
     def next_after(self, dt: datetime) -> datetime:
         """Return the first firing instant strictly after *dt* (aware), in `tz`."""
         u = self._floor(dt, "next_after")
+        best: datetime | None = None
         try:
-            day = u.astimezone(self.tz).date() - 2 * _DAY
-            span = min(366 * SEARCH_YEARS, (date.max - day).days - 3)
-            limit = day + timedelta(days=span)
-            best: datetime | None = None
+            day = _shift(u.astimezone(self.tz).date(), -2)
+            limit = _shift(day, 366 * SEARCH_YEARS)
             stop = limit
             while (found := self._next_day(day, stop)) is not None:
                 candidate = self._first_after(found, u)
@@ -328,10 +333,13 @@ class CronExpression:
                     best = candidate
                 if best is not None and stop == limit:
                     # around a DST change a later date can still fire earlier
-                    stop = min(found + 2 * _DAY, limit)
+                    stop = min(_shift(found, 2), limit)
+                if found == date.max:
+                    break
                 day = found + _DAY
         except OverflowError:
-            best = None
+            # A wall time of the zone that falls outside datetime's range.
+            pass
         if best is None:
             raise InvalidCronExpression(
                 f"cron expression {self.expression!r} does not fire in the "
@@ -359,8 +367,10 @@ class CronExpression:
 
     # -- evaluation -------------------------------------------------------
 
-    @staticmethod
-    def _floor(dt: datetime, caller: str) -> datetime:
+    def _floor(self, dt: datetime, caller: str) -> datetime:
+        # Returns the UTC instant at which the wall minute containing dt
+        # began. Truncating in UTC would be wrong in zones whose offset has
+        # seconds, such as Amsterdam's +00:19:32 before 1937.
         if not isinstance(dt, datetime):
             raise TypeError(f"{caller}() needs a datetime, not {type(dt).__name__}")
         if dt.utcoffset() is None:
@@ -368,8 +378,12 @@ class CronExpression:
                 f"{caller}() needs a timezone-aware datetime, got naive {dt!r}; "
                 "attach a zone, e.g. dt.replace(tzinfo=ZoneInfo('Europe/London'))"
             )
-        u = dt.astimezone(UTC)
-        return u.replace(second=0, microsecond=0)
+        try:
+            wall = dt.astimezone(self.tz).replace(second=0, microsecond=0)
+            return wall.astimezone(UTC)
+        except OverflowError:
+            # The wall time is outside datetime's range (year 1 or 9999).
+            return dt.astimezone(UTC).replace(second=0, microsecond=0)
 
     def _day_matches(self, day: date) -> bool:
         if day.month not in self._months:
@@ -394,13 +408,18 @@ class CronExpression:
                 continue
             if self._day_matches(day):
                 return day
+            if day == limit:
+                return None
             day += _DAY
         return None
 
     def _plain(self, day: date) -> bool:
         """True if *day* has one UTC offset from midnight to midnight."""
         start = datetime.combine(day, time(), tzinfo=self.tz)
-        end = datetime.combine(day + _DAY, time(), tzinfo=self.tz)
+        if day == date.max:
+            end = datetime.combine(day, time.max, tzinfo=self.tz)
+        else:
+            end = datetime.combine(day + _DAY, time(), tzinfo=self.tz)
         offset = start.utcoffset()
         return (
             offset

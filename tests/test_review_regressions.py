@@ -31,6 +31,7 @@ import pytest
 import stagehand
 from stagehand import FakeClock, Job, Stagehand, Worker
 from stagehand.cron import parse
+from stagehand.exceptions import InvalidCronExpression
 from stagehand.plugins import Cron
 from stagehand.testing import assert_enqueued, drain_queue
 
@@ -156,31 +157,40 @@ def test_lock_start_skips_earlier_slot(tmp_path: Path) -> None:
         instance.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_floor truncates to the UTC minute, which is not the wall minute "
-    "when the zone's offset has seconds (Europe/Amsterdam before 1937)",
-)
 def test_seconds_offset_breaks_next_after() -> None:
-    """Expected: matches(next_after(t)) and next_after(s) > s; actual: matches is False and next_after returns its own argument."""
+    """Expected: matches(next_after(t)) and next_after(s) > s; before the fix: matches was False and next_after returned its own argument."""
     cron = parse("0 12 * * *", tz="Europe/Amsterdam")  # offset +00:19:32 in 1930
     slot = cron.next_after(datetime(1930, 1, 1, tzinfo=UTC))
     assert cron.next_after(slot) > slot
     assert cron.matches(slot)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="next_after starts its search two days before the date and "
-    "turns the OverflowError near date.min/date.max into 'does not fire'",
-)
 def test_next_after_at_calendar_ends() -> None:
-    """Expected: '* * * * *' fires at 0001-01-01 00:01 and 9999-12-31 23:59; actual: InvalidCronExpression "does not fire"."""
+    """Expected: '* * * * *' fires at 0001-01-01 00:01 and 9999-12-31 23:59; before the fix: InvalidCronExpression "does not fire"."""
     cron = parse("* * * * *")
     first = datetime(1, 1, 1, tzinfo=UTC)
     assert cron.next_after(first) == first + timedelta(minutes=1)
     last = datetime(9999, 12, 31, 23, 58, tzinfo=UTC)
     assert cron.next_after(last) == last + timedelta(minutes=1)
+
+
+def test_seconds_offset_matches_the_whole_wall_minute() -> None:
+    """Expected: in a +00:19:32 zone the slot's wall minute matches from its first to its last second, and not a second before."""
+    cron = parse("0 12 * * *", tz="Europe/Amsterdam")
+    slot = cron.next_after(datetime(1930, 1, 1, tzinfo=UTC))
+    assert slot.astimezone(cron.tz).replace(tzinfo=None) == datetime(1930, 1, 1, 12)
+    assert cron.matches(slot + timedelta(seconds=59))
+    assert not cron.matches(slot - timedelta(seconds=1))
+    assert not cron.matches(slot + timedelta(seconds=60))
+
+
+def test_calendar_end_in_a_zone_behind_utc() -> None:
+    """Expected: a New York entry fires on 9999-12-31 and then reports that it never fires again."""
+    cron = parse("0 0 * * *", tz="America/New_York")
+    last = cron.next_after(datetime(9999, 12, 30, 12, tzinfo=UTC))
+    assert last.replace(tzinfo=None) == datetime(9999, 12, 31)
+    with pytest.raises(InvalidCronExpression, match="nor after year 9999"):
+        cron.next_after(last)
 
 
 def test_sun_sun_range_means_sunday() -> None:
