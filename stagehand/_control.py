@@ -99,19 +99,50 @@ class Control:
         # jobs that are not final, then the retained ones, then the live ones
         # again misses none, and lists no more finished jobs than retention
         # holds. Keyed by id, a job in two copies is listed once.
-        live = self._live
-        found = {i: job for i, job in list(live.items()) if not job.is_final}
-        found.update((job.id, job) for job in self._retained.jobs())  # type: ignore[misc]
-        found.update((i, job) for i, job in list(live.items()) if not job.is_final)
         selected = [
             job
-            for job in found.values()
-            if (states is None or job.state in states)
+            for job, state in self._snapshot()
+            if (states is None or state in states)
             and (queue is None or job.queue == queue)
             and (path is None or job.worker == path)
         ]
         selected.sort(key=_insert_order)
         return selected
+
+    def _snapshot(self) -> list[tuple[Job, JobState]]:
+        # Every live and retained job with its state, each read once.
+        #
+        # Jobs move between the live and retained tables while this runs. A
+        # finishing job is retained before its state turns final, and a
+        # retried one turns available before it leaves retention, so reading
+        # the live jobs that are not final, then the retained ones, then the
+        # live ones again misses none. dict.copy() makes no object per entry,
+        # so no garbage collection (and no finalizer that lets other threads
+        # change the table) runs part way through a copy.
+        first = self._live.copy()
+        retained = self._retained.jobs()
+        second = self._live.copy()
+        found: dict[str | None, tuple[Job, JobState]] = {}
+        late: list[tuple[Job, JobState]] = []
+        for job in retained:
+            found[job.id] = (job, job.state)
+        for table in (first, second):
+            for job_id, job in table.items():
+                if job_id in found:
+                    continue
+                state = job.state
+                if state.is_final:
+                    # Finished after retention was read: newer than every
+                    # retained job.
+                    late.append((job, state))
+                found[job_id] = (job, state)
+        # Show no more finished jobs than retention keeps: the newest ones.
+        excess = len(retained) + len(late) - self.settings.retention_limit
+        for job in retained[: max(excess, 0)]:
+            del found[job.id]
+        for job, _ in late[: max(excess - len(retained), 0)]:
+            del found[job.id]
+        return list(found.values())
 
     def check_queue(self, queue: str) -> dict[str, Any]:
         """Return the live state of one queue.
@@ -124,8 +155,9 @@ class Control:
         """
         stats = self._queue(queue).stats()
         counts = {state: 0 for state in JobState}
-        for job in self.jobs(queue=queue):
-            counts[job.state] += 1
+        for job, state in self._snapshot():
+            if job.queue == queue:
+                counts[state] += 1
         # Counted from job states, so a job that just finished is counted as
         # finished and not also as executing.
         for state in (
@@ -205,15 +237,18 @@ class Control:
             with self._locks_for(job):
                 state = job.state
                 queue = self._queues[job.queue]
-                # An available job that is not in the queue is either being
-                # claimed by a worker thread, or inserted but not pushed yet;
-                # its push then skips it once it is cancelled below.
-                taken = (
+                taken = False
+                if (
                     state is JobState.AVAILABLE
                     and self.testing == "disabled"
                     and not queue.remove(job)
-                    and queue.taking()
-                )
+                ):
+                    # Not in the queue: a worker thread is claiming it (wait
+                    # and look again), or has claimed it (its state says so
+                    # once no take is in progress), or it is inserted but not
+                    # pushed yet (its push skips it once it is cancelled).
+                    taken = queue.taking()
+                    state = job.state
                 if not taken:
                     taken = False
                     if state is JobState.EXECUTING:

@@ -88,7 +88,9 @@ class Executor:
         attempt = job.attempt + 1
         job.attempt = attempt
         job.attempted_at = self._now()
-        claim = job._claim = [attempt]
+        # The claim holds the id of the thread that runs the attempt, which
+        # the side that loses the thread to a timeout or stop needs.
+        claim = job._claim = [threading.get_ident()]
         if "job.start" in _handlers:
             events.emit(
                 "job.start",
@@ -195,10 +197,11 @@ class Executor:
             with guard:
                 if not _try_claim(claim):
                     return
+                # Counted stuck before the thread can see JobTimeout and exit.
+                if queue is not None:
+                    queue.release_stuck_slot(thread_id)
                 if performing[0]:
                     _raise_in_thread(thread_id, JobTimeout)
-            if queue is not None:
-                queue.release_stuck_slot(job)
             logger.warning(
                 "job %s (%s) timed out after %s s on attempt %d; its thread is "
                 "interrupted at its next Python bytecode",

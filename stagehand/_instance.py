@@ -315,7 +315,7 @@ class Stagehand(Control):
             if not job._claim:
                 continue
             try:
-                job._claim.pop()
+                thread_id = job._claim.pop()
             except IndexError:
                 continue
             now = self.clock.now()
@@ -331,7 +331,7 @@ class Stagehand(Control):
             self._finish(job, JobState.DISCARDED)
             # The thread still runs the job; it counts as stuck until it
             # returns and finds that it lost the job.
-            self._queues[job.queue].release_stuck_slot(job)
+            self._queues[job.queue].release_stuck_slot(thread_id)
             self._executor.emit_stop(job, 0.0)
             logger.warning(
                 "job %s (%s) abandoned: still executing after the %g s grace period",
@@ -499,8 +499,27 @@ class Stagehand(Control):
         except ShuttingDown:
             self._unstamp(batch)
             raise
+        pushed: list[Job] = []
         for name, jobs in by_queue.items():
-            self._queues[name].push_many(jobs, inserted=True)
+            try:
+                self._queues[name].push_many(jobs, inserted=True)
+            except ShuttingDown:
+                # stop() closed this queue after the check above. The jobs
+                # already queued stay, and stop() counts and logs them.
+                queued = len(pushed) + len(scheduled)
+                self._unstamp(
+                    [
+                        job
+                        for job in batch
+                        if job not in pushed and job.state is JobState.AVAILABLE
+                    ]
+                )
+                raise ShuttingDown(
+                    f"instance {self.name!r} began stopping during insert_all(); "
+                    f"{queued} of {len(batch)} jobs were queued before that and "
+                    "are counted by stop(), the others were not inserted"
+                ) from None
+            pushed.extend(jobs)
         return batch
 
     def _enqueue_for_testing(self, job: Job, delay: float) -> Job:

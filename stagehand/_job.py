@@ -203,7 +203,8 @@ class Job:
     _sequence: int
     _queue_seq: int
     _schedule_seq: int
-    # Set when an attempt begins; see stagehand._execute for the race it settles.
+    # Set when an attempt begins to [id of the running thread]; see
+    # stagehand._execute for the race it settles.
     _claim: list[int] | None
     _instance: Any
     _meta: dict[str, Any] | None

@@ -157,7 +157,13 @@ class Queue:
         # handful of times at most. The caller must not hold `cond`: a take
         # can free a job whose finalizer inserts, and free-threaded builds
         # pop under `cond`.
-        while self._taking:
+        # A finalizer run inside this thread's own take may call this; it
+        # does not wait for itself.
+        me = threading.get_ident()
+        while True:
+            taking = self._taking
+            if not taking or (len(taking) == 1 and me in taking):
+                return
             time.sleep(0)
 
     # Jobs in and out
@@ -226,6 +232,8 @@ class Queue:
         numbers = self._numbers
         added = 0
         with self.cond:
+            if inserted:
+                self._check_open()
             for job in jobs:
                 if not inserted:
                     # The scheduler marked the job -1 when it took it. A job
@@ -234,7 +242,9 @@ class Queue:
                     if job.state not in _WAITING or job._schedule_seq != -1:
                         continue
                     job._schedule_seq = 0
-                elif job.state is not _AVAILABLE:
+                elif job.state is not _AVAILABLE or job._queue_seq:
+                    # Cancelled, or cancelled and queued again by retry_job,
+                    # since it was stamped.
                     continue
                 job.state = _AVAILABLE
                 key = _key(job.priority, job._sequence if inserted else next(numbers))
@@ -295,15 +305,13 @@ class Queue:
                 self._spawn(limit - self._threads)
             self._wake_all()
 
-    def release_stuck_slot(self, job: Job) -> None:
-        """Hand the slot of a thread stuck past `job`'s timeout to a new thread.
+    def release_stuck_slot(self, thread_id: int) -> None:
+        """Hand the slot of a thread stuck in a job to a new thread.
 
         The stuck thread stops counting as executing and as a pool thread.
         """
         with self.cond:
-            for thread, running in list(self._running.items()):
-                if running is job:
-                    del self._running[thread]
+            self._running.pop(thread_id, None)
             self.stuck += 1
             self._threads -= 1
             if not self._closed:
@@ -378,7 +386,7 @@ class Queue:
                 return
             # A job that snoozed for 0 s may already run in another thread,
             # so the entry is keyed by this thread, not by the job.
-            del running[me]
+            running.pop(me, None)
             if self._closed:
                 with self.cond:
                     self._wake_all()
