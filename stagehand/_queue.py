@@ -342,7 +342,9 @@ class Queue:
                 self.name,
                 exc_info=True,
             )
-            self._taking.discard(threading.get_ident())
+            me = threading.get_ident()
+            self._taking.discard(me)
+            self._running.pop(me, None)
             with self.cond:
                 self._threads -= 1
                 if not self._closed:

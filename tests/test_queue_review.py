@@ -1,11 +1,11 @@
-"""Review of the lock-free take (411faab and the commits after it).
+"""Concurrency tests of the lock-free take and the code around it.
 
-Each test drives real worker threads into one interleaving. Where the
-interleaving is rare, a gate stops one thread at the point in question, as
-`_PopGate` in test_queue_races.py does. That has the same effect as the
-thread being descheduled there. The first group fails on d8e9a4e. The second group failed
-on 91904e4 and passes since cb64bc1 and d8e9a4e. The last group covers races
-that held.
+Each test drives real worker threads into one interleaving. In the first two
+groups, that interleaving once lost a job, ran it twice, hung, killed a worker
+thread, raised RuntimeError, or showed wrong states or counts. The last group
+covers races that held. Where the interleaving is rare, a gate stops one
+thread at that point, as `_PopGate` in test_queue_races.py does. That has the
+same effect as the thread being descheduled there.
 """
 
 from __future__ import annotations
@@ -95,18 +95,19 @@ class _TargetPopGate:
 
 
 # ---------------------------------------------------------------------------
-# Bugs in d8e9a4e
+# Races in cancel_job, insert_all, timeouts and jobs()
 
 
 def test_cancel_job_lost_to_worker_requests_cancel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # cancel_job reads job.state (available) and then calls queue.remove().
-    # A worker thread may claim the job in between and leave _taking before
-    # cancel_job calls queue.taking(). cancel_job then treats the job as
-    # inserted but not pushed yet, and cancels it by the state it read
-    # first. The job is reported cancelled (and job.stop is emitted for it)
-    # while it runs, and cancel_requested is never set.
+    # The test lets a worker thread claim the job in between and leave
+    # _taking before cancel_job calls queue.taking(). Before the fix,
+    # cancel_job then treated the job as inserted but not pushed yet and
+    # cancelled it by the state it read first. It returned the running job as
+    # cancelled, emitted job.stop for it and never set cancel_requested. Now
+    # cancel_job reads the state again once no take is in progress.
     gate = _TargetPopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
     name = f"cancel-{next(_names)}"
@@ -117,7 +118,7 @@ def test_cancel_job_lost_to_worker_requests_cancel(
     real_remove = queue.remove
 
     def late_remove(job: stagehand.Job) -> bool:
-        # cancel_job has read the state; the worker finishes its claim and
+        # cancel_job has read the state. The worker finishes its claim and
         # starts the job before the remove.
         gate.release.set()
         assert entered.wait(HANG_GUARD)
@@ -151,17 +152,17 @@ def test_insert_all_with_cancel_and_retry_runs_once(
     # insert_all puts its jobs in _live, where get_job and jobs() find them,
     # before push_many(inserted=True) queues them. A cancel_job and a
     # retry_job from another thread in between make retry_job queue the job.
-    # push_many then queues it again under its insert key, because it checks
-    # only that the job is available. Both keys are in _pending, so the job
-    # runs twice. d8e9a4e fixed the same race for insert(), whose push()
-    # skips a job that has a key already.
+    # Before the fix, push_many checked only that the job was available, so
+    # it queued the job again under its insert key. Both keys were in
+    # _pending, and the job ran twice. Now push_many(inserted=True) skips a
+    # job queued since it was stamped, as push() does for insert().
     instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
     instance.start()
     queue = instance._queues["default"]
     in_insert = threading.Event()
     go = threading.Event()
     # _enqueue_batch calls ensure_open() after filling _live and before
-    # push_many(); the call is held until the job is cancelled and retried.
+    # push_many(). The call is held until the job is cancelled and retried.
     ensure_open = queue.ensure_open
 
     def held_ensure_open() -> None:
@@ -195,7 +196,7 @@ def test_insert_all_with_cancel_and_retry_runs_once(
 
 
 class SnoozeThenSpinWorker(Worker):
-    """Snoozes for 0 s on attempt 1; attempt 2 spins until its timeout."""
+    """Snoozes for 0 s on attempt 1, then spins until its timeout on attempt 2."""
 
     def timeout(self, job: stagehand.Job) -> float | None:
         return 0.05 if job.attempt >= 2 else None
@@ -213,11 +214,11 @@ class SnoozeThenSpinWorker(Worker):
 def test_timeout_keeps_other_threads_running_entry(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Since cb64bc1, _running is keyed by thread, but release_stuck_slot(job)
-    # deletes every entry whose job is `job`. Attempt 1 snoozes for 0 s, and
-    # its thread is still in job.stop handlers when attempt 2 times out in
-    # another thread. Both entries are deleted, so the first thread's own
-    # `del running[me]` raises KeyError and kills the thread.
+    # Attempt 1 snoozes for 0 s, and its thread is still in job.stop handlers
+    # when attempt 2 times out in another thread. Before the fix,
+    # release_stuck_slot took the job and deleted the _running entry of every
+    # thread running it, so the first thread's own `del running[me]` raised
+    # KeyError and killed the thread. Now release_stuck_slot takes a thread id.
     handler_id = f"review-stop-{next(_names)}"
     first_thread: list[threading.Thread] = []
 
@@ -237,8 +238,8 @@ def test_timeout_keeps_other_threads_running_entry(
         with caplog.at_level(logging.CRITICAL, logger="stagehand"):
             job = instance.insert(SnoozeThenSpinWorker.new({}))
             _wait_until(lambda: len(first_thread) == 1)
-            # The first thread either goes idle (two idle threads: it and the
-            # replacement for the stuck one) or dies.
+            # The first thread either goes idle, which leaves two idle threads
+            # (it and the replacement for the stuck one), or dies.
             _wait_until(
                 lambda: not first_thread[0].is_alive() or len(queue._sleepers) == 2
             )
@@ -256,12 +257,15 @@ def test_timeout_keeps_other_threads_running_entry(
 def test_jobs_show_at_most_retention_limit(
     frequent_thread_switches: None,
 ) -> None:
-    # jobs() copies the live jobs that are not final, then the retained ones,
-    # and only later filters by state. A live job that finishes in between
-    # is listed as finished beside the `limit` retained ones, and
-    # check_queue() counts it too. (On 91904e4 this loop raised
-    # "RuntimeError: OrderedDict mutated during iteration" instead.) Calls
-    # that raise RuntimeError are skipped here; the next test covers them.
+    # Live jobs finish while jobs() and check_queue() copy the tables. Before
+    # the fix, jobs() copied the live jobs that were not final, then the
+    # retained ones, and only later filtered by state. A job that finished in
+    # between was listed as finished beside the `limit` retained ones, and
+    # check_queue() counted it too. Now each state is read once, and at most
+    # `limit` finished jobs are shown. When retention was an OrderedDict, this
+    # loop raised "RuntimeError: OrderedDict mutated during iteration"
+    # instead. Calls that raise RuntimeError are skipped here, because the
+    # next test covers that error.
     limit = 2_000
     final = ["completed", "discarded", "cancelled"]
     with (
@@ -303,13 +307,14 @@ class NapWorker(Worker):
 
 
 def test_jobs_during_gc_finalizer_does_not_raise() -> None:
-    # jobs() copies the live jobs with list(live.items()), which makes one
-    # tuple per job, so with thousands of live jobs the garbage collector
-    # runs inside the copy. A finalizer that releases the GIL then lets
-    # worker threads remove finished jobs from _live, and the copy raises
-    # "RuntimeError: dictionary changed size during iteration" (check_queue
-    # too). found.update(self._live), used before d8e9a4e, creates no
-    # objects while it copies, so no collection runs inside it.
+    # Before each jobs() call, the test leaves a reference cycle whose
+    # finalizer releases the GIL, while worker threads remove finished jobs
+    # from _live. Before the fix, jobs() and check_queue() copied _live with
+    # list(live.items()), which makes one tuple per job, so a garbage
+    # collection ran inside the copy, and the finalizer let _live change. The
+    # copy then raised "RuntimeError: dictionary changed size during
+    # iteration". Now they use dict.copy(), which makes no object per entry,
+    # so no collection runs inside the copy.
     with (
         running(queues={"default": 8}) as instance,
         watching() as watcher,
@@ -329,11 +334,11 @@ def test_jobs_during_gc_finalizer_does_not_raise() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Bugs in 91904e4, fixed by cb64bc1 and d8e9a4e
+# Races in promotion, stop(), pause() and check_queue()
 
 
 class SnoozeThenBlockWorker(Worker):
-    """Snoozes for 0 s on attempt 1; on attempt 2 waits on its gate."""
+    """Snoozes for 0 s on attempt 1, then waits on its gate on attempt 2."""
 
     def perform(self, job: stagehand.Job) -> Any:
         if job.attempt == 1:
@@ -348,11 +353,12 @@ class SnoozeThenBlockWorker(Worker):
 def test_promotion_with_cancel_and_retry_runs_once() -> None:
     # The scheduler takes a due job off its heap (marking it in transit),
     # releases its lock, and only then pushes the job into the queue. If the
-    # job is cancelled and retried in between, retry_job queues it. On
-    # 91904e4 push_many queued it a second time, because it accepted
-    # AVAILABLE jobs. Before 411faab the older entry was skipped because
-    # job._queue_seq no longer matched it. With _pending both keys were
-    # valid, so the job ran twice.
+    # job is cancelled and retried in between, retry_job queues it. Before the
+    # fix, push_many accepted available jobs, so it queued the job a second
+    # time. Both keys were valid in _pending, so the job ran twice. (Before
+    # the take became lock-free, the older entry was skipped because
+    # job._queue_seq no longer matched it.) Now push_many queues only jobs
+    # still in transit and waiting.
     in_transit = threading.Event()
     release = threading.Event()
     promoted = threading.Event()
@@ -397,11 +403,12 @@ def test_promotion_with_cancel_and_retry_runs_once() -> None:
 
 
 def test_stop_waits_for_job_rerun_after_snooze() -> None:
-    # On 91904e4 _running was keyed by id(job). Attempt 1 returns Snooze(0),
-    # and a second thread starts attempt 2 while the first thread is still in
-    # job.stop handlers, before its `del running[key]`. That del removed the
-    # entry of attempt 2, so wait_idle() saw no running job, and stop()
-    # abandoned attempt 2 at once instead of waiting for its grace period.
+    # Attempt 1 returns Snooze(0), and a second thread starts attempt 2 while
+    # the first thread is still in job.stop handlers, before it removes its
+    # entry from _running. Before the fix, _running was keyed by id(job), so
+    # that removal dropped the entry of attempt 2. wait_idle() then saw no
+    # running job, and stop() abandoned attempt 2 at once instead of waiting
+    # for its grace period. Now _running is keyed by thread.
     gate = f"snooze-{next(_names)}"
     entered, release = BlockingWorker.gate(gate)
     handler_id = f"review-stop-{next(_names)}"
@@ -443,9 +450,10 @@ def test_pause_returns_on_free_threaded_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Without the GIL a take pops under `cond` (_pop_locked), after the
-    # thread has joined _taking. On 91904e4 pause() kept `cond` while it
-    # waited for _taking to empty. A thread between its check of `paused`
-    # and its pop then waited for `cond` forever, and pause() spun forever.
+    # thread has joined _taking. Before the fix, pause() kept `cond` while it
+    # waited for _taking to empty. A thread between its check of `paused` and
+    # its pop then waited for `cond` forever, and pause() spun forever. Now
+    # pause() releases `cond` before it waits.
     monkeypatch.setattr(queue_module, "_GIL_ENABLED", False)
     about_to_pop = threading.Event()
     go = threading.Event()
@@ -511,8 +519,9 @@ def test_pause_returns_when_take_runs_finalizer(
     # A worker drops its reference to the previous job when it rebinds `job`
     # in `job = pending.pop(...)`, inside the take (the thread is in
     # _taking). If that was the last reference, the job's result is freed
-    # there and its finalizer runs. On 91904e4 a finalizer that inserts a job
-    # waited for `cond`, which pause() kept while it waited for _taking.
+    # there and its finalizer runs. Before the fix, a finalizer that inserts
+    # a job waited for `cond`, which pause() kept while it waited for
+    # _taking, so both waited forever. Now pause() releases `cond` first.
     FOLLOW_UPS.clear()
     gate = _TargetPopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
@@ -556,10 +565,11 @@ def test_pause_returns_when_take_runs_finalizer(
 def test_check_queue_counts_every_job_under_load(
     frequent_thread_switches: None,
 ) -> None:
-    # check_queue() counts the jobs of jobs(), which on 91904e4 copied the
+    # A finishing job is added to retention, then removed from _live. Before
+    # the fix, check_queue() counted the jobs of jobs(), which copied the
     # retained jobs first and the live ones second. A job that finished
-    # between the two copies (added to retention, then removed from _live)
-    # was in neither, so the counts added up to fewer jobs than there were.
+    # between the two copies was in neither, so the counts added up to fewer
+    # jobs than there were. Now _live is copied before and after retention.
     total = 20_000
     states = [state.value for state in JobState]
     with (
@@ -588,8 +598,8 @@ def test_single_thread_order_with_stale_keys(
     frequent_thread_switches: None,
 ) -> None:
     # Cancelled jobs leave their keys in the heap, and a retried job gets a
-    # new key; one thread must still take the jobs strictly by priority,
-    # then in the order they became available.
+    # new key. One thread must still take the jobs strictly by priority, then
+    # in the order they became available.
     rng = random.Random(411)
     with RUN_LOCK:
         RUNS.clear()
