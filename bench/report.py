@@ -161,7 +161,7 @@ def render_markdown(suite: Suite, method: str) -> str:
         lines += [
             "## Stagehand's targets",
             "",
-            "Issue 6's targets, checked against this run's medians. "
+            "The performance targets, checked against this run's medians. "
             "docs/performance.md explains the figures that miss.",
             "",
             *targets.render(targets.check(suite)),

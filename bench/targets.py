@@ -1,4 +1,4 @@
-"""Stagehand's targets from issue 6, checked against one run's medians.
+"""Stagehand's performance targets, checked against one run's medians.
 
 Each target compares Stagehand's median with a fixed limit or with another
 system's median from the same run. A target whose inputs were not measured
@@ -68,7 +68,7 @@ def _limit(
 
 
 def check(suite: Suite) -> list[Verdict]:
-    """Return one verdict per target, in the order issue 6 lists them."""
+    """Return one verdict per target, in benchmark order."""
     verdicts: list[Verdict] = []
     for bench in ("b1", "b2"):
         ours = median(suite, "stagehand", bench, "jobs_per_s")
