@@ -10,6 +10,7 @@ enabled only while a Django test runs, so the core tests see the core alone.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +58,26 @@ def _stagehand_django_hook(request: pytest.FixtureRequest) -> Iterator[None]:
 
     transactions.install()
     yield
+
+
+@pytest.fixture
+def frequent_thread_switches() -> Iterator[None]:
+    """Hand the GIL over every microsecond instead of every 5 ms.
+
+    A thread is then often interrupted part way through taking a job.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@pytest.fixture
+def clear_counts() -> None:
+    """Forget the runs that CountingWorker recorded in earlier tests."""
+    from workers import COUNT_LOCK, COUNTS
+
+    with COUNT_LOCK:
+        COUNTS.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -87,3 +88,24 @@ def running(**config: Any) -> Iterator[stagehand.Stagehand]:
         yield instance
     finally:
         instance.stop()
+
+
+class PopGate:
+    """Stands in for heapq.heappop and holds the thread that pops `target`.
+
+    Patch it in with monkeypatch.setattr(heapq, "heappop", gate) before the
+    instance starts; worker threads bind heappop when they start.
+    """
+
+    def __init__(self) -> None:
+        self.real_pop = heapq.heappop
+        self.target: stagehand.Job | None = None
+        self.popped = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, heap: list[int]) -> int:
+        entry = self.real_pop(heap)
+        if self.target is not None and entry == self.target._queue_seq:
+            self.popped.set()
+            self.release.wait(HANG_GUARD)
+        return entry

@@ -8,42 +8,18 @@ and that its final state says which.
 from __future__ import annotations
 
 import heapq
-import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from support import HANG_GUARD, PopGate, running, watching
+from workers import COUNT_LOCK, COUNTS, CountingWorker, runs_of
 
 import stagehand
 from stagehand import JobState
-from support import HANG_GUARD, running, watching
-from workers import COUNT_LOCK, COUNTS, CountingWorker
+
+pytestmark = pytest.mark.usefixtures("clear_counts", "frequent_thread_switches")
 
 ROUNDS = 100
-
-
-@pytest.fixture(autouse=True)
-def clear_counts() -> None:
-    with COUNT_LOCK:
-        COUNTS.clear()
-
-
-@pytest.fixture(autouse=True)
-def frequent_thread_switches() -> Iterator[None]:
-    # Threads hand over the GIL every microsecond instead of every 5 ms, so
-    # a thread is often interrupted half way through taking a job.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-
-
-def _runs(job_number: int) -> int:
-    with COUNT_LOCK:
-        return COUNTS.get(job_number, 0)
 
 
 def test_cancel_racing_workers_runs_each_job_once_or_never() -> None:
@@ -58,10 +34,10 @@ def test_cancel_racing_workers_runs_each_job_once_or_never() -> None:
 
     for n, job in enumerate(jobs):
         if job.state is JobState.CANCELLED:
-            assert _runs(n) == 0, job
+            assert runs_of(n) == 0, job
         else:
             assert job.state is JobState.COMPLETED, job
-            assert _runs(n) == 1, job
+            assert runs_of(n) == 1, job
     assert all(jobs[n].state is JobState.COMPLETED for n in range(0, 3_000, 2))
 
 
@@ -97,9 +73,9 @@ def test_drain_racing_workers_hands_back_only_unrun_jobs() -> None:
             kept = [job for job in jobs if job not in drained]
             watcher.wait_final(*kept)
 
-            assert all(_runs(job.args["n"]) == 0 for job in drained)
+            assert all(runs_of(job.args["n"]) == 0 for job in drained)
             assert all(job.state is JobState.AVAILABLE for job in drained)
-            assert all(_runs(job.args["n"]) == 1 for job in kept)
+            assert all(runs_of(job.args["n"]) == 1 for job in kept)
             assert [job.args["n"] for job in drained] == sorted(
                 job.args["n"] for job in drained
             )
@@ -115,10 +91,10 @@ def test_stop_racing_workers_leaves_each_job_run_once_or_queued() -> None:
         # running() stopped the instance on exit.
         for job in jobs:
             if job.state is JobState.AVAILABLE:
-                assert _runs(job.args["n"]) == 0, job
+                assert runs_of(job.args["n"]) == 0, job
             else:
                 assert job.state is JobState.COMPLETED, job
-                assert _runs(job.args["n"]) == 1, job
+                assert runs_of(job.args["n"]) == 1, job
 
 
 def test_retention_limit_holds_with_eight_threads_finishing() -> None:
@@ -134,28 +110,11 @@ def test_retention_limit_holds_with_eight_threads_finishing() -> None:
         assert sum(instance.get_job(job.id) is not None for job in jobs) == 50
 
 
-class _PopGate:
-    """Stops a worker thread inside heappop once it has popped `target`."""
-
-    def __init__(self, real_pop: Any) -> None:
-        self.real_pop = real_pop
-        self.target: Any = None
-        self.popped = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, heap: list[Any]) -> Any:
-        entry = self.real_pop(heap)
-        if self.target is not None and entry == self.target._queue_seq:
-            self.popped.set()
-            self.release.wait(HANG_GUARD)
-        return entry
-
-
 @pytest.mark.parametrize("action", ["pause", "stop"])
 def test_pause_and_stop_wait_for_a_thread_part_way_through_a_take(
     monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
-    gate = _PopGate(heapq.heappop)
+    gate = PopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
     instance = stagehand.Stagehand(name=f"gate-{action}", queues={"default": 1})
     instance.start()

@@ -4,7 +4,7 @@ Each test drives real worker threads into one interleaving. In the first two
 groups, that interleaving once lost a job, ran it twice, hung, killed a worker
 thread, raised RuntimeError, or showed wrong states or counts. The last group
 covers races that held. Where the interleaving is rare, a gate stops one
-thread at that point, as `_PopGate` in test_queue_races.py does. That has the
+thread at that point, as `support.PopGate` does. That has the
 same effect as the thread being descheduled there.
 """
 
@@ -13,18 +13,12 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-import stagehand
-from stagehand import JobState, Snooze, Worker, events
-from stagehand import _queue as queue_module
-from support import HANG_GUARD, running, watching
+from support import HANG_GUARD, PopGate, running, watching
 from workers import (
     COUNT_LOCK,
     COUNTS,
@@ -34,34 +28,20 @@ from workers import (
     CountingWorker,
     EchoWorker,
     RecordingWorker,
+    runs_of,
 )
+
+import stagehand
+from stagehand import JobState, Snooze, Worker, events
+from stagehand import _queue as queue_module
+
+pytestmark = pytest.mark.usefixtures("clear_counts")
 
 # Seconds a test waits for a call that correct code returns from at once.
 # It is well under HANG_GUARD, so a deadlock fails the test quickly.
 DEADLOCK_GUARD = 3.0
 
 _names = iter(range(1_000_000))
-
-
-@pytest.fixture(autouse=True)
-def clear_counts() -> None:
-    with COUNT_LOCK:
-        COUNTS.clear()
-
-
-@pytest.fixture
-def frequent_thread_switches() -> Iterator[None]:
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-
-
-def _runs(number: int) -> int:
-    with COUNT_LOCK:
-        return COUNTS.get(number, 0)
 
 
 def _new_instance(**config: Any) -> stagehand.Stagehand:
@@ -75,23 +55,6 @@ def _wait_until(predicate: Any, timeout: float = HANG_GUARD) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout} s")
         time.sleep(0.001)
-
-
-class _TargetPopGate:
-    """Holds a worker thread inside heappop once it has popped `target`."""
-
-    def __init__(self) -> None:
-        self.real_pop = heapq.heappop
-        self.target: Any = None
-        self.popped = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, heap: list[Any]) -> Any:
-        entry = self.real_pop(heap)
-        if self.target is not None and entry == self.target._queue_seq:
-            self.popped.set()
-            self.release.wait(HANG_GUARD)
-        return entry
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +71,7 @@ def test_cancel_job_lost_to_worker_requests_cancel(
     # cancelled it by the state it read first. It returned the running job as
     # cancelled, emitted job.stop for it and never set cancel_requested. Now
     # cancel_job reads the state again once no take is in progress.
-    gate = _TargetPopGate()
+    gate = PopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
     name = f"cancel-{next(_names)}"
     entered, release = BlockingWorker.gate(name)
@@ -186,8 +149,8 @@ def test_insert_all_with_cancel_and_retry_runs_once(
             instance.resume_queue("default")
             # One thread takes keys in order, and `after` has the largest.
             watcher.wait_final(after)
-        assert _runs(1) == 1, (
-            f"job ran {_runs(1)} times; attempts {job.attempt}, state {job.state}"
+        assert runs_of(1) == 1, (
+            f"job ran {runs_of(1)} times; attempts {job.attempt}, state {job.state}"
         )
     finally:
         go.set()
@@ -394,8 +357,8 @@ def test_promotion_with_cancel_and_retry_runs_once() -> None:
             # has finished, every entry of the first job has been taken.
             watcher.wait_final(after)
             watcher.wait_final(job)
-        assert _runs(1) == 1, (
-            f"job ran {_runs(1)} times; attempts {job.attempt}, state {job.state}"
+        assert runs_of(1) == 1, (
+            f"job ran {runs_of(1)} times; attempts {job.attempt}, state {job.state}"
         )
     finally:
         release.set()
@@ -523,7 +486,7 @@ def test_pause_returns_when_take_runs_finalizer(
     # a job waited for `cond`, which pause() kept while it waited for
     # _taking, so both waited forever. Now pause() releases `cond` first.
     FOLLOW_UPS.clear()
-    gate = _TargetPopGate()
+    gate = PopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
     name = f"review-{next(_names)}"
     instance = _new_instance(

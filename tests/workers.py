@@ -81,3 +81,9 @@ class CountingWorker(Worker):
         number = job.args["n"]
         with COUNT_LOCK:
             COUNTS[number] = COUNTS.get(number, 0) + 1
+
+
+def runs_of(number: int) -> int:
+    """Return how many times the CountingWorker job with args["n"] ran."""
+    with COUNT_LOCK:
+        return COUNTS.get(number, 0)
