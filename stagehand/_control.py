@@ -93,12 +93,6 @@ class Control:
             raise InvalidOption(
                 f"worker must be a Worker subclass or its dotted path; got {worker!r}"
             )
-        # Jobs move between the live and retained tables while this runs. A
-        # finishing job is retained before its state becomes final, and a
-        # retried one is live before it leaves retention, so copying the live
-        # jobs that are not final, then the retained ones, then the live ones
-        # again misses none, and lists no more finished jobs than retention
-        # holds. Keyed by id, a job in two copies is listed once.
         selected = [
             job
             for job, state in self._snapshot()
@@ -244,7 +238,7 @@ class Control:
                     and not queue.remove(job)
                 ):
                     # Not in the queue: a worker thread is claiming it (wait
-                    # and look again), or has claimed it (its state says so
+                    # and look again), or has claimed it (its state shows it
                     # once no take is in progress), or it is inserted but not
                     # pushed yet (its push skips it once it is cancelled).
                     taken = queue.taking()

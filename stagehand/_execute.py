@@ -88,8 +88,8 @@ class Executor:
         attempt = job.attempt + 1
         job.attempt = attempt
         job.attempted_at = self._now()
-        # The claim holds the id of the thread that runs the attempt, which
-        # the side that loses the thread to a timeout or stop needs.
+        # The claim contains the id of the thread that runs the attempt. The
+        # timeout or stop() that takes the claim needs it to free the slot.
         claim = job._claim = [threading.get_ident()]
         if "job.start" in _handlers:
             events.emit(

@@ -292,10 +292,10 @@ class Job:
 
     def __repr__(self) -> str:
         # Reads the private fields, so a repr never creates meta or errors.
-        shown = ", ".join(
+        fields = ", ".join(
             f"{name.lstrip('_')}={_or_empty(self, name)!r}" for name in _REPR_FIELDS
         )
-        return f"Job({shown})"
+        return f"Job({fields})"
 
     def insert(
         self, instance: Stagehand | None = None, *, on_commit: bool | None = None

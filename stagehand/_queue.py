@@ -1,15 +1,15 @@
 """One queue: a priority heap, and the pool of threads that runs its jobs.
 
 Worker threads take jobs without a lock. Under CPython's global interpreter
-lock, `heapq.heappop` on a list of ``(int, int, job)`` tuples and `dict.pop`
-each run as one indivisible step, so a thread takes the top entry of the heap
-and then claims its job by popping it from `_pending`: of several threads (a
-worker, `cancel_job`, `drain`) that reach the same job, exactly one gets it.
-With a lock on this path, eight threads on two cores formed a lock convoy in
-which every job cost two context switches; see docs/benchmarks.md.
+lock, `heapq.heappop` on a list of ints and `dict.pop` each run as one
+indivisible step. A thread takes the smallest key from the heap, then claims
+its job by popping the key from `_pending`, so of several threads (a worker,
+`cancel_job`, `drain`) that reach the same job, exactly one gets it. With a
+lock on this path, eight threads on two cores formed a lock convoy in which
+every job cost two context switches (docs/performance.md has the figures).
 
-The condition `cond` is still taken by inserts, by threads going to sleep,
-and by pause, resume, scale and close.
+Inserts, threads going to sleep, pause, resume, scale and close still take
+the condition `cond`.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class Queue:
     insert order, so a new job's key is its `_sequence` (plus its priority)
     and costs no extra int.
 
-    Threads that find nothing to do wait on `cond` without a timeout, so an
-    idle queue uses no CPU.
+    Threads that find nothing to do sleep on a lock of their own without a
+    timeout, so an idle queue uses no CPU.
     """
 
     def __init__(
@@ -142,8 +142,8 @@ class Queue:
             thread.start()
 
     def _wake_all(self) -> None:
-        # Wakes every idle thread and every wait_idle() caller; the caller
-        # holds `cond`.
+        # Wakes every idle thread and every wait_idle() caller. The caller
+        # must own `cond`.
         sleepers = self._sleepers
         while sleepers:
             sleepers.pop().release()
@@ -205,7 +205,7 @@ class Queue:
             )
 
     def push_locked(self, job: Job) -> None:
-        """Add a job that is available again; the caller holds `cond`."""
+        """Add a job that is available again; the caller must own `cond`."""
         self._push_key(job, _key(job.priority, next(self._numbers)))
 
     def _push_key(self, job: Job, key: int) -> None:
