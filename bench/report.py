@@ -122,6 +122,11 @@ def render_text(suite: Suite) -> str:
 
         lines.append("")
         lines.append("Stagehand's targets")
+        if suite.quick:
+            lines.append(
+                "  (--quick runs few jobs once: these verdicts are a smoke "
+                "test, not a measurement)"
+            )
         for verdict in targets.check(suite):
             result = {True: "met", False: "NOT met", None: "not checked"}[verdict.met]
             lines.append(f"  {result:11s}  {verdict.target}: {verdict.measured}")
@@ -162,7 +167,13 @@ def render_markdown(suite: Suite, method: str) -> str:
             "## Stagehand's targets",
             "",
             "The performance targets, checked against this run's medians. "
-            "docs/performance.md explains the figures that miss.",
+            "docs/performance.md explains the figures that miss."
+            + (
+                " This was a --quick run (few jobs, one run), so the verdicts "
+                "are a smoke test, not a measurement."
+                if suite.quick
+                else ""
+            ),
             "",
             *targets.render(targets.check(suite)),
             "",

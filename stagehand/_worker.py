@@ -238,12 +238,14 @@ def resolve_worker(worker: object) -> type[Worker]:
 
 def _import_worker(path: str) -> type[Worker]:
     parts = path.split(".")
+    missing: ModuleNotFoundError | None = None
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
         try:
             target: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
             if error.name is not None and module_name.startswith(error.name):
+                missing = error
                 continue
             raise
         for attribute in parts[split:]:
@@ -260,7 +262,10 @@ def _import_worker(path: str) -> type[Worker]:
             f"{path!r} does not name a stagehand.Worker subclass in module "
             f"{module_name!r}; check the spelling of the class name"
         )
+    top = missing.name if missing is not None else parts[0]
     raise UnknownWorker(
-        f"cannot import a module for worker path {path!r}; write the full "
-        "dotted path, such as 'myapp.workers.EmailWorker'"
+        f"cannot import worker path {path!r}: no module named {top!r}. Check "
+        "the spelling, that the module is on sys.path (the project root or "
+        "an installed package), and that the path is the full dotted path, "
+        "such as 'myapp.workers.EmailWorker'"
     )

@@ -178,7 +178,7 @@ def test_worker_base_class_new_rejected() -> None:
             "does not name a stagehand.Worker subclass in module 'workers'",
         ),
         ("workers.RUN_LOCK", "does not name a stagehand.Worker subclass"),
-        ("no_such_module.Worker", "cannot import a module for worker path"),
+        ("no_such_module.Worker", "no module named 'no_such_module'"),
         ("", "a worker must be a Worker subclass or its dotted path"),
         (42, "got 42"),
         (dict, "is not a subclass of stagehand.Worker"),
