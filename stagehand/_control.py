@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +119,14 @@ class Control:
         second = self._live.copy()
         found: dict[str | None, tuple[Job, JobState]] = {}
         late: list[tuple[Job, JobState]] = []
+        finished: list[Job] = []
         for job in retained:
-            found[job.id] = (job, job.state)
+            state = job.state
+            found[job.id] = (job, state)
+            # A retried job turns available before it leaves retention; it
+            # does not count against the limit.
+            if state.is_final:
+                finished.append(job)
         for table in (first, second):
             for job_id, job in table.items():
                 if job_id in found:
@@ -131,10 +138,10 @@ class Control:
                     late.append((job, state))
                 found[job_id] = (job, state)
         # Show no more finished jobs than retention keeps: the newest ones.
-        excess = len(retained) + len(late) - self.settings.retention_limit
-        for job in retained[: max(excess, 0)]:
+        excess = len(finished) + len(late) - self.settings.retention_limit
+        for job in finished[: max(excess, 0)]:
             del found[job.id]
-        for job, _ in late[: max(excess - len(retained), 0)]:
+        for job, _ in late[: max(excess - len(finished), 0)]:
             del found[job.id]
         return list(found.values())
 
@@ -200,18 +207,22 @@ class Control:
     def drain_queue(self, queue: str) -> list[Job]:
         """Remove the available jobs of `queue` and return them, unrun."""
         target = self._queue(queue)
-        if self.testing != "disabled":
-            with self._recorded_lock:
+        lock = self._recorded_lock if self.testing != "disabled" else target.cond
+        with lock:
+            if self.testing != "disabled":
                 drained = [
                     job
                     for job in self._recorded
                     if job.queue == queue and job.state is JobState.AVAILABLE
                 ]
                 self._recorded = [job for job in self._recorded if job not in drained]
-        else:
-            drained = target.drain()
+            else:
+                drained = target.drain_locked()
+            # Out of the live jobs under the same lock, so a cancel_job that
+            # waits for it finds the job gone rather than merely unqueued.
+            for job in drained:
+                self._live.pop(job.id, None)  # type: ignore[arg-type]
         for job in drained:
-            self._live.pop(job.id, None)  # type: ignore[arg-type]
             if job.unique is not None:
                 self._unique.forget(job)
         return drained
@@ -232,6 +243,10 @@ class Control:
                 state = job.state
                 queue = self._queues[job.queue]
                 taken = False
+                if not state.is_final and self._live.get(job.id) is not job:  # type: ignore[arg-type]
+                    # Drained, or its insert failed, while this call waited
+                    # for the locks: no longer this instance's to cancel.
+                    return job
                 if (
                     state is JobState.AVAILABLE
                     and self.testing == "disabled"
@@ -291,6 +306,12 @@ class Control:
             job.cancel_requested = False
             job.completed_at = None
             job.scheduled_at = self.clock.now()
+            # A final job may still be live for a moment while its _finish
+            # runs; that must drop it from the live jobs before this adds it
+            # back.
+            if state.is_final:
+                while self._live.get(job.id) is job:  # type: ignore[arg-type]
+                    time.sleep(0)
             self._live[job.id] = job  # type: ignore[index]
             # No longer final before it leaves retention, so jobs() lists it
             # throughout; out of retention before it can run and finish again.

@@ -85,6 +85,7 @@ _ITEM = re.compile(
 _LONGEST_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _MINUTE = timedelta(minutes=1)
 _DAY = timedelta(days=1)
+_SECOND = timedelta(seconds=1)
 
 
 def _shift(day: date, days: int) -> date:
@@ -307,6 +308,13 @@ class CronExpression:
     def matches(self, dt: datetime) -> bool:
         """True if the entry fires at the minute containing *dt* (aware)."""
         u = self._floor(dt, "matches")
+        try:
+            return self._matches(u)
+        except OverflowError:
+            # The wall time is outside datetime's range: no entry fires then.
+            return False
+
+    def _matches(self, u: datetime) -> bool:
         day = u.astimezone(self.tz).date()
         for earlier in {_shift(day, -2), _shift(day, -1)} - {day}:
             # only a transition day can fire on a later date (after a gap)
@@ -324,7 +332,12 @@ class CronExpression:
         u = self._floor(dt, "next_after")
         best: datetime | None = None
         try:
-            day = _shift(u.astimezone(self.tz).date(), -2)
+            try:
+                local = u.astimezone(self.tz).date()
+            except OverflowError:
+                # Before year 1 or after year 9999 in this zone.
+                local = date.min if u.year < 5000 else date.max
+            day = _shift(local, -2)
             limit = _shift(day, 366 * SEARCH_YEARS)
             stop = limit
             while (found := self._next_day(day, stop)) is not None:
@@ -481,12 +494,20 @@ class CronExpression:
         return result
 
     def _gap_end(self, lo: datetime, hi: datetime) -> datetime:
-        """Return the first minute with *hi*'s offset in (lo, hi], where the gap ends."""
+        """Return the first wall-minute start at or after the gap in (lo, hi].
+
+        The change of offset is found to the second, since some zones moved
+        by a fraction of a minute (Monrovia by 44 min 30 s in 1972).
+        """
         offset = hi.astimezone(self.tz).utcoffset()
-        while hi - lo > _MINUTE:
-            mid = lo + (hi - lo) // _MINUTE // 2 * _MINUTE
+        while hi - lo > _SECOND:
+            mid = lo + (hi - lo) // 2
             if mid.astimezone(self.tz).utcoffset() == offset:
                 hi = mid
             else:
                 lo = mid
-        return hi
+        wall = hi.astimezone(self.tz)
+        start = wall.replace(second=0, microsecond=0)
+        if start != wall:
+            start += _MINUTE
+        return start.astimezone(UTC)

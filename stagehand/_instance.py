@@ -464,18 +464,31 @@ class Stagehand(Control):
             else:
                 self._queues[job.queue].push(job)
         except ShuttingDown:
-            # stop() finished between validate() and here.
-            self._unstamp([job])
+            # stop() finished between validate() and here. A job that
+            # cancel_job took meanwhile stays as it is: cancelled.
+            if not self._unstamp([job]):
+                return job
             raise
         return job
 
-    def _unstamp(self, jobs: list[Job]) -> None:
-        for job in jobs:
+    def _unstamp(self, jobs: list[Job]) -> list[Job]:
+        # Undoes the stamp of jobs whose insert failed, and returns them.
+        # Skips jobs another thread has acted on since: cancelled, queued by
+        # retry_job, or held by the scheduler.
+        undone = [
+            job
+            for job in jobs
+            if job.state in _UNSTAMPABLE
+            and not job._queue_seq
+            and job._schedule_seq == 0
+        ]
+        for job in undone:
             self._live.pop(job.id, None)  # type: ignore[arg-type]
             job.id = None
             job.inserted_at = None
             job.state = JobState.AVAILABLE
             job._instance = None
+        return undone
 
     def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
         now = self.clock.now()
@@ -492,10 +505,12 @@ class Stagehand(Control):
             else:
                 by_queue.setdefault(job.queue, []).append(job)
         try:
-            if scheduled:
-                self._scheduler.add_jobs(scheduled)  # type: ignore[union-attr]
+            # Check the queues before the scheduler takes any job, because jobs it
+            # has taken count as inserted.
             for name in by_queue:
                 self._queues[name].ensure_open()
+            if scheduled:
+                self._scheduler.add_jobs(scheduled)  # type: ignore[union-attr]
         except ShuttingDown:
             self._unstamp(batch)
             raise
@@ -506,14 +521,8 @@ class Stagehand(Control):
             except ShuttingDown:
                 # stop() closed this queue after the check above. The jobs
                 # already queued stay, and stop() counts and logs them.
-                queued = len(pushed) + len(scheduled)
-                self._unstamp(
-                    [
-                        job
-                        for job in batch
-                        if job not in pushed and job.state is JobState.AVAILABLE
-                    ]
-                )
+                undone = self._unstamp([job for job in batch if job not in pushed])
+                queued = len(batch) - len(undone)
                 raise ShuttingDown(
                     f"instance {self.name!r} began stopping during insert_all(); "
                     f"{queued} of {len(batch)} jobs were queued before that and "
@@ -573,3 +582,4 @@ class Stagehand(Control):
 
 
 _insert_sequence = itertools.count(1)
+_UNSTAMPABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})

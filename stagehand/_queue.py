@@ -276,11 +276,14 @@ class Queue:
         """
         self._settle()
 
-    def drain(self) -> list[Job]:
-        """Remove every available job, in run order, and return them."""
-        with self.cond:
-            keys = sorted(self._heap)
-            self._heap.clear()
+    def drain_locked(self) -> list[Job]:
+        """Remove every available job, in run order; the caller owns `cond`.
+
+        The jobs are claimed under `cond`, so `cancel_job`, which takes it
+        too, finds each job either queued or drained.
+        """
+        keys = sorted(self._heap)
+        self._heap.clear()
         pending = self._pending
         drained = (pending.pop(key, None) for key in keys)
         return [job for job in drained if job is not None]
