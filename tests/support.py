@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -109,3 +110,26 @@ class PopGate:
             self.popped.set()
             self.release.wait(HANG_GUARD)
         return entry
+
+
+def unique_name(prefix: str) -> str:
+    """Return a name no other test in this run uses, such as ``review-3``."""
+    return f"{prefix}-{next(_ids)}"
+
+
+def new_instance(prefix: str, **config: Any) -> stagehand.Stagehand:
+    """Build an instance, unstarted, whose name no other test uses."""
+    config.setdefault("name", unique_name(prefix))
+    return stagehand.Stagehand(**config)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = HANG_GUARD) -> None:
+    """Poll `predicate` every millisecond until it is true; fail after `timeout`.
+
+    Only for internal states that no event reports.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        time.sleep(0.001)

@@ -11,20 +11,18 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, watching
+from support import HANG_GUARD, new_instance, unique_name, wait_until, watching
 from workers import BlockingWorker, CountingWorker, EchoWorker
 
 import stagehand
 from stagehand import JobState
 from stagehand.cron import parse
 
-_names = iter(range(1_000_000))
 pytestmark = pytest.mark.usefixtures("clear_counts")
 
 
@@ -36,19 +34,6 @@ def cleanup() -> Iterator[list[Any]]:
     yield calls
     for call in reversed(calls):
         call()
-
-
-def _new_instance(**config: Any) -> stagehand.Stagehand:
-    config.setdefault("name", f"final-review-{next(_names)}")
-    return stagehand.Stagehand(**config)
-
-
-def _wait_until(predicate: Any, timeout: float = HANG_GUARD) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        time.sleep(0.001)
 
 
 class _Gate:
@@ -105,7 +90,9 @@ def test_retry_while_finishing_keeps_job_visible(cleanup: list[Any]) -> None:
     # before the finishing thread removes it, or the queued job would be in
     # neither table and get_job, jobs() and cancel_job() would miss it.
     live = _GatedLive()
-    instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
+    instance = new_instance(
+        "final-review", queues={"default": {"limit": 1, "paused": True}}
+    )
     instance._live = live
     instance.start()
     cleanup.append(instance.stop)
@@ -146,8 +133,10 @@ def test_jobs_lists_retried_job_at_retention_limit(
     # but not yet out of retention. Only `late` counts against the limit, so
     # jobs() must list both.
     live = _GatedLive()
-    instance = _new_instance(
-        queues={"default": {"limit": 2, "paused": True}}, retention_limit=1
+    instance = new_instance(
+        "final-review",
+        queues={"default": {"limit": 2, "paused": True}},
+        retention_limit=1,
     )
     instance._live = live
     retention = instance._retained
@@ -223,7 +212,9 @@ def test_drain_and_cancel_both_take_one_job(cleanup: list[Any]) -> None:
     # drain_queue() holds one job half claimed while cancel_job() on the same
     # job waits. Of drain and cancel, only one may get the job: a drained job
     # must not also be cancelled and retained.
-    instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
+    instance = new_instance(
+        "final-review", queues={"default": {"limit": 1, "paused": True}}
+    )
     queue = instance._queues["default"]
     pending = _GatedPending()
     queue._pending = pending
@@ -244,6 +235,7 @@ def test_drain_and_cancel_both_take_one_job(cleanup: list[Any]) -> None:
     drainer.start()
     cleanup.append(lambda: drainer.join(HANG_GUARD))
     assert pending.gate.entered.wait(HANG_GUARD)
+
     # The drain holds the queue's lock while it claims jobs, so cancel_job
     # runs in a thread and waits for it.
     def cancel() -> None:
@@ -273,9 +265,11 @@ def test_rejected_insert_all_not_counted_lost(
     # the scheduled job of the batch was stamped. insert_all must raise
     # ShuttingDown, and stop() must count the scheduled job as lost only if
     # the scheduler really took it.
-    gate_name = f"final-review-{next(_names)}"
+    gate_name = unique_name("final-review")
     entered, release = BlockingWorker.gate(gate_name)
-    instance = _new_instance(queues={"default": 1}, shutdown_grace_period=HANG_GUARD)
+    instance = new_instance(
+        "final-review", queues={"default": 1}, shutdown_grace_period=HANG_GUARD
+    )
     instance.start()
     cleanup.append(instance.stop)
     cleanup.append(release.set)
@@ -309,7 +303,7 @@ def test_rejected_insert_all_not_counted_lost(
     with caplog.at_level(logging.WARNING, logger="stagehand"):
         stopper.start()
         cleanup.append(lambda: stopper.join(HANG_GUARD))
-        _wait_until(lambda: queue._closed)
+        wait_until(lambda: queue._closed)
         open_gate.release.set()
         inserter.join(HANG_GUARD)
         release.set()
@@ -356,7 +350,7 @@ def test_rejected_insert_keeps_cancelled_job(
     # cancel it in between. When stop() then closes the queue, the failed
     # push must leave the cancelled job cancelled, not turn it back into an
     # unstamped available job that jobs() lists but nothing runs.
-    instance = _new_instance(queues={"default": 1})
+    instance = new_instance("final-review", queues={"default": 1})
     instance.start()
     cleanup.append(instance.stop)
     queue = instance._queues["default"]

@@ -18,7 +18,15 @@ import time
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, PopGate, running, watching
+from support import (
+    HANG_GUARD,
+    PopGate,
+    new_instance,
+    running,
+    unique_name,
+    wait_until,
+    watching,
+)
 from workers import (
     COUNT_LOCK,
     COUNTS,
@@ -41,21 +49,6 @@ pytestmark = pytest.mark.usefixtures("clear_counts")
 # It is well under HANG_GUARD, so a deadlock fails the test quickly.
 DEADLOCK_GUARD = 3.0
 
-_names = iter(range(1_000_000))
-
-
-def _new_instance(**config: Any) -> stagehand.Stagehand:
-    config.setdefault("name", f"review-{next(_names)}")
-    return stagehand.Stagehand(**config)
-
-
-def _wait_until(predicate: Any, timeout: float = HANG_GUARD) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        time.sleep(0.001)
-
 
 # ---------------------------------------------------------------------------
 # Races in cancel_job, insert_all, timeouts and jobs()
@@ -73,9 +66,9 @@ def test_cancel_job_lost_to_worker_requests_cancel(
     # cancel_job reads the state again once no take is in progress.
     gate = PopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
-    name = f"cancel-{next(_names)}"
+    name = unique_name("cancel")
     entered, release = BlockingWorker.gate(name)
-    instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
+    instance = new_instance("review", queues={"default": {"limit": 1, "paused": True}})
     instance.start()
     queue = instance._queues["default"]
     real_remove = queue.remove
@@ -119,7 +112,7 @@ def test_insert_all_with_cancel_and_retry_runs_once(
     # it queued the job again under its insert key. Both keys were in
     # _pending, and the job ran twice. Now push_many(inserted=True) skips a
     # job queued since it was stamped, as push() does for insert().
-    instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
+    instance = new_instance("review", queues={"default": {"limit": 1, "paused": True}})
     instance.start()
     queue = instance._queues["default"]
     in_insert = threading.Event()
@@ -182,7 +175,7 @@ def test_timeout_keeps_other_threads_running_entry(
     # release_stuck_slot took the job and deleted the _running entry of every
     # thread running it, so the first thread's own `del running[me]` raised
     # KeyError and killed the thread. Now release_stuck_slot takes a thread id.
-    handler_id = f"review-stop-{next(_names)}"
+    handler_id = unique_name("review-stop")
     first_thread: list[threading.Thread] = []
 
     def hold_first_thread(event: str, measurements: Any, metadata: Any) -> None:
@@ -191,19 +184,19 @@ def test_timeout_keeps_other_threads_running_entry(
             metadata["state"] is JobState.SCHEDULED
         ):
             first_thread.append(threading.current_thread())
-            _wait_until(lambda: job.attempt == 2 and job.state is JobState.RETRYABLE)
+            wait_until(lambda: job.attempt == 2 and job.state is JobState.RETRYABLE)
 
-    instance = _new_instance(queues={"default": 2})
+    instance = new_instance("review", queues={"default": 2})
     instance.start()
     queue = instance._queues["default"]
     events.attach(handler_id, ["job.stop"], hold_first_thread)
     try:
         with caplog.at_level(logging.CRITICAL, logger="stagehand"):
             job = instance.insert(SnoozeThenSpinWorker.new({}))
-            _wait_until(lambda: len(first_thread) == 1)
+            wait_until(lambda: len(first_thread) == 1)
             # The first thread either goes idle, which leaves two idle threads
             # (it and the replacement for the stuck one), or dies.
-            _wait_until(
+            wait_until(
                 lambda: not first_thread[0].is_alive() or len(queue._sleepers) == 2
             )
         crashes = [
@@ -325,7 +318,7 @@ def test_promotion_with_cancel_and_retry_runs_once() -> None:
     in_transit = threading.Event()
     release = threading.Event()
     promoted = threading.Event()
-    instance = _new_instance(queues={"default": 1})
+    instance = new_instance("review", queues={"default": 1})
     promote = instance._promote
 
     def gated_promote(queue: str, jobs: list[stagehand.Job]) -> None:
@@ -372,9 +365,9 @@ def test_stop_waits_for_job_rerun_after_snooze() -> None:
     # that removal dropped the entry of attempt 2. wait_idle() then saw no
     # running job, and stop() abandoned attempt 2 at once instead of waiting
     # for its grace period. Now _running is keyed by thread.
-    gate = f"snooze-{next(_names)}"
+    gate = unique_name("snooze")
     entered, release = BlockingWorker.gate(gate)
-    handler_id = f"review-stop-{next(_names)}"
+    handler_id = unique_name("review-stop")
 
     def hold_first_thread(event: str, measurements: Any, metadata: Any) -> None:
         job = metadata["job"]
@@ -383,7 +376,9 @@ def test_stop_waits_for_job_rerun_after_snooze() -> None:
             # from _running.
             entered.wait(HANG_GUARD)
 
-    instance = _new_instance(queues={"default": 2}, shutdown_grace_period=HANG_GUARD)
+    instance = new_instance(
+        "review", queues={"default": 2}, shutdown_grace_period=HANG_GUARD
+    )
     instance.start()
     events.attach(handler_id, ["job.stop"], hold_first_thread)
     stopper = threading.Thread(target=instance.stop)
@@ -429,7 +424,7 @@ def test_pause_returns_on_free_threaded_path(
         return pop_locked(self, heap)
 
     monkeypatch.setattr(queue_module.Queue, "_pop_locked", gated_pop_locked)
-    instance = _new_instance(queues={"default": {"limit": 1, "paused": True}})
+    instance = new_instance("review", queues={"default": {"limit": 1, "paused": True}})
     instance.start()
     queue = instance._queues["default"]
     pauser = threading.Thread(target=instance.pause_queue, args=("default",))
@@ -439,7 +434,7 @@ def test_pause_returns_on_free_threaded_path(
         assert about_to_pop.wait(HANG_GUARD)
         pauser.start()
         # pause() sets the flag under `cond`, then waits for the thread.
-        _wait_until(lambda: queue.paused)
+        wait_until(lambda: queue.paused)
         go.set()
         pauser.join(DEADLOCK_GUARD)
         assert not pauser.is_alive(), (
@@ -488,9 +483,12 @@ def test_pause_returns_when_take_runs_finalizer(
     FOLLOW_UPS.clear()
     gate = PopGate()
     monkeypatch.setattr(heapq, "heappop", gate)
-    name = f"review-{next(_names)}"
-    instance = _new_instance(
-        name=name, queues={"default": {"limit": 1, "paused": True}}, retention_limit=0
+    name = unique_name("review")
+    instance = new_instance(
+        "review",
+        name=name,
+        queues={"default": {"limit": 1, "paused": True}},
+        retention_limit=0,
     )
     instance.start()
     queue = instance._queues["default"]
@@ -507,7 +505,7 @@ def test_pause_returns_when_take_runs_finalizer(
         # pause() starts while the worker is held inside the take, which
         # then frees the first job and runs its result's finalizer.
         pauser.start()
-        _wait_until(lambda: queue.paused)
+        wait_until(lambda: queue.paused)
         gate.release.set()
         pauser.join(DEADLOCK_GUARD)
         assert not pauser.is_alive(), (
@@ -516,7 +514,7 @@ def test_pause_returns_when_take_runs_finalizer(
         )
 
         # The finalizer ran in the worker thread, during the take.
-        _wait_until(lambda: len(FOLLOW_UPS) == 1)
+        wait_until(lambda: len(FOLLOW_UPS) == 1)
         assert FOLLOW_UPS[0].startswith("stagehand-default-")
     finally:
         gate.release.set()
@@ -617,7 +615,7 @@ def test_scale_and_pause_churn_runs_each_once(
     # it while jobs insert jobs. Idle threads sleep on their own wake locks,
     # so a missed wake-up would leave jobs queued and the wait below would
     # time out.
-    name = f"review-{next(_names)}"
+    name = unique_name("review")
     rng = random.Random(86)
     with running(name=name, queues={"scaled": 4}) as instance:
         stop_churn = threading.Event()
@@ -636,7 +634,7 @@ def test_scale_and_pause_churn_runs_each_once(
                 ParentWorker.new({"n": n, "instance": name}, queue="scaled")
                 for n in range(2_000)
             )
-            _wait_until(
+            wait_until(
                 lambda: (
                     all(job.is_final for job in parents)
                     and _count_done(200_000) == 4_000
@@ -646,7 +644,7 @@ def test_scale_and_pause_churn_runs_each_once(
             stop_churn.set()
             churner.join(HANG_GUARD)
         instance.scale_queue("scaled", 3)
-        _wait_until(lambda: _pool_threads("scaled") == 3)
+        wait_until(lambda: _pool_threads("scaled") == 3)
         counts = instance.check_queue("scaled")
     with COUNT_LOCK:
         runs = dict(COUNTS)
