@@ -70,6 +70,10 @@ class Control:
         job = self._live.get(job_id)
         if job is None:
             job = self._retained.get(job_id)
+            if job is None:
+                # retry_job moves a job from retention back to the live jobs:
+                # a lookup between the two reads misses it in both.
+                job = self._live.get(job_id)
         return job
 
     def jobs(
@@ -306,9 +310,8 @@ class Control:
             job.cancel_requested = False
             job.completed_at = None
             job.scheduled_at = self.clock.now()
-            # A final job may still be live for a moment while its _finish
-            # runs; that must drop it from the live jobs before this adds it
-            # back.
+            # A final job stays live for a moment while its _finish runs. Wait
+            # until _finish removes it, so the job re-added here stays live.
             if state.is_final:
                 while self._live.get(job.id) is job:  # type: ignore[arg-type]
                     time.sleep(0)

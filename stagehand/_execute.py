@@ -97,20 +97,27 @@ class Executor:
                 {"system_time": time.time()},
                 {"job": job, "instance": instance.name},
             )
-        worker: Worker = job._worker_class()
         outer = getattr(_running, "instance", None)
         if outer is not instance:
             _running.instance = instance
         started = perf_counter()
+        worker: Worker | None = None
         try:
-            if worker._stagehand_has_timeout:
-                value, won = self._perform_with_timeout(job, worker, queue, claim)
-            else:
-                try:
-                    value = worker.perform(job)
-                except BaseException as error:
-                    value = error
+            try:
+                worker = job._worker_class()
+            except BaseException as error:
+                # A constructor that raises fails the attempt like perform.
+                value = error
                 won = _try_claim(claim)
+            else:
+                if worker._stagehand_has_timeout:
+                    value, won = self._perform_with_timeout(job, worker, queue, claim)
+                else:
+                    try:
+                        value = worker.perform(job)
+                    except BaseException as error:
+                        value = error
+                    won = _try_claim(claim)
         finally:
             # Inline runs restore the caller's instance; a pool thread keeps
             # its own, since it runs no other instance's jobs.
@@ -217,8 +224,13 @@ class Executor:
 
     # Recording
 
-    def record(self, job: Job, worker: Worker, value: Any, duration: float) -> None:
-        """Apply the outcome `value` of an attempt to `job`."""
+    def record(
+        self, job: Job, worker: Worker | None, value: Any, duration: float
+    ) -> None:
+        """Apply the outcome `value` of an attempt to `job`.
+
+        `worker` is None when the worker's constructor raised.
+        """
         if value is None:
             # Most jobs return nothing: skip the checks below.
             self._complete(job, None, duration)
@@ -243,7 +255,7 @@ class Executor:
     def _fail(
         self,
         job: Job,
-        worker: Worker,
+        worker: Worker | None,
         kind: str,
         text: str,
         error: BaseException | None,
@@ -261,17 +273,25 @@ class Executor:
             self._instance._finish(job, JobState.CANCELLED)
         elif job.attempt < job.max_attempts:
             delay = self._backoff(job, worker)
-            job.state = JobState.RETRYABLE
-            job.scheduled_at = now + timedelta(seconds=delay)
-            logger.info(
-                "job %s (%s) failed attempt %d of %d, retrying in %.1f s",
-                job.id,
-                job.worker,
-                job.attempt,
-                job.max_attempts,
-                delay,
-            )
-            self._instance._hold(job, monotonic + delay)
+            retry_at = now + timedelta(seconds=delay)
+            if self._instance._hold(
+                job, JobState.RETRYABLE, retry_at, monotonic + delay
+            ):
+                logger.info(
+                    "job %s (%s) failed attempt %d of %d, retrying in %.1f s",
+                    job.id,
+                    job.worker,
+                    job.attempt,
+                    job.max_attempts,
+                    delay,
+                )
+            else:
+                # cancel_job ran while backoff() did.
+                job.completed_at = now
+                logger.info(
+                    "job %s failed after its cancellation was requested", job.id
+                )
+                self._instance._finish(job, JobState.CANCELLED)
         else:
             job.completed_at = now
             logger.warning(
@@ -325,10 +345,15 @@ class Executor:
         # max_attempts grows by one to make up for it.
         monotonic = self._clock.monotonic()
         job.max_attempts += 1
-        job.state = JobState.SCHEDULED
-        job.scheduled_at = self._clock.now() + timedelta(seconds=seconds)
+        wake_at = self._clock.now() + timedelta(seconds=seconds)
+        if not self._instance._hold(
+            job, JobState.SCHEDULED, wake_at, monotonic + seconds
+        ):
+            # cancel_job ran after the check above.
+            job.max_attempts -= 1
+            self._cancel(job, "cancel requested while the job ran", duration)
+            return
         logger.debug("job %s snoozed for %s s", job.id, seconds)
-        self._instance._hold(job, monotonic + seconds)
         self.emit_stop(job, duration)
 
     def _cancel(self, job: Job, reason: Any, duration: float) -> None:
@@ -345,7 +370,9 @@ class Executor:
         self._instance._finish(job, JobState.CANCELLED)
         self.emit_stop(job, duration)
 
-    def _backoff(self, job: Job, worker: Worker) -> float:
+    def _backoff(self, job: Job, worker: Worker | None) -> float:
+        if worker is None:
+            return default_backoff(job.attempt)
         try:
             delay = worker.backoff(job)
         except Exception:

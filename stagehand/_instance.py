@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Self, TypeVar
 
 from stagehand import _registry
@@ -228,15 +228,19 @@ class Stagehand(Control):
         running then are abandoned, never started again, and logged by id.
         Jobs still queued or scheduled are lost, and their count is logged.
         """
-        if current_instance() is self and self._state == _RUNNING:
+        if current_instance() is self:
             # Waiting here would wait for the calling job itself, so the stop
             # runs in a thread of its own and this call returns at once.
-            logger.info(
-                "stop() called from a job of %r; stopping in the background", self.name
-            )
-            threading.Thread(
-                target=self.stop, name=f"stagehand-stop-{self.name}"
-            ).start()
+            with self._lifecycle:
+                running = self._state == _RUNNING
+            if running:
+                logger.info(
+                    "stop() called from a job of %r; stopping in the background",
+                    self.name,
+                )
+                threading.Thread(
+                    target=self.stop, name=f"stagehand-stop-{self.name}"
+                ).start()
             return
         with self._lifecycle:
             if self._state == _NEW:
@@ -454,10 +458,13 @@ class Stagehand(Control):
         delay = self._stamp(job, self.clock.now())
         if self.testing != "disabled":
             return self._enqueue_for_testing(job, delay)
+        if delay > 0:
+            # Scheduled before it is live, so a cancel_job that finds it
+            # cannot be overwritten.
+            job.state = JobState.SCHEDULED
         self._live[job.id] = job  # type: ignore[index]
         try:
             if delay > 0:
-                job.state = JobState.SCHEDULED
                 self._scheduler.add_job(  # type: ignore[union-attr]
                     job, self.clock.monotonic() + delay, new=True
                 )
@@ -498,12 +505,12 @@ class Stagehand(Control):
         live = self._live
         delays = [self._stamp(job, now) for job in batch]
         for job, delay in zip(batch, delays, strict=True):
-            live[job.id] = job  # type: ignore[index]
             if delay > 0:
                 job.state = JobState.SCHEDULED
                 scheduled.append((monotonic + delay, job))
             else:
                 by_queue.setdefault(job.queue, []).append(job)
+            live[job.id] = job  # type: ignore[index]
         try:
             # Check the queues before the scheduler takes any job, because jobs it
             # has taken count as inserted.
@@ -567,10 +574,19 @@ class Stagehand(Control):
     def _promote(self, queue: str, jobs: list[Job]) -> None:
         self._queues[queue].push_many(jobs)
 
-    def _hold(self, job: Job, due: float) -> None:
-        # `due` is on the clock's monotonic scale, read when the attempt ended.
-        if self._scheduler is not None:
-            self._scheduler.add_job(job, due)
+    def _hold(
+        self, job: Job, state: JobState, scheduled_at: datetime, due: float
+    ) -> bool:
+        # Puts an executing job in `state` until `due`, on the clock's
+        # monotonic scale. Returns False, changing nothing, when cancel_job
+        # has requested its cancellation.
+        if self._scheduler is None:
+            if job.cancel_requested:
+                return False
+            job.state = state
+            job.scheduled_at = scheduled_at
+            return True
+        return self._scheduler.hold(job, state, scheduled_at, due)
 
     def _finish(self, job: Job, state: JobState) -> None:
         # Retained before its final state is set, and that before it leaves

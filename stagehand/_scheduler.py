@@ -14,6 +14,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from stagehand._clock import Clock
@@ -69,6 +70,9 @@ class Scheduler:
     def add_job(self, job: Job, due: float, *, new: bool = False) -> None:
         """Hold `job` until the monotonic time `due`, then promote it.
 
+        A job that cancel_job or retry_job took while it was being inserted
+        is no longer scheduled, and is skipped.
+
         Raises:
             ShuttingDown: `new` is true and the scheduler has stopped.
         """
@@ -77,8 +81,27 @@ class Scheduler:
                 raise ShuttingDown(
                     "the instance is stopping; the scheduled job was not inserted"
                 )
+            if job.state is JobState.SCHEDULED:
+                self._push_locked(due, _JOB, job)
+                self.waiting += 1
+
+    def hold(
+        self, job: Job, state: JobState, scheduled_at: datetime, due: float
+    ) -> bool:
+        """Put an executing job in `state` and hold it until `due`.
+
+        Runs under `cond`, which cancel_job also acquires, so a cancellation
+        requested before this call is seen here. Returns False, changing
+        nothing, in that case.
+        """
+        with self.cond:
+            if job.cancel_requested:
+                return False
+            job.state = state
+            job.scheduled_at = scheduled_at
             self._push_locked(due, _JOB, job)
             self.waiting += 1
+            return True
 
     def add_jobs(self, jobs: list[tuple[float, Job]]) -> None:
         with self.cond:
@@ -87,8 +110,9 @@ class Scheduler:
                     "the instance is stopping; the scheduled jobs were not inserted"
                 )
             for due, job in jobs:
-                self._push_locked(due, _JOB, job)
-            self.waiting += len(jobs)
+                if job.state is JobState.SCHEDULED:
+                    self._push_locked(due, _JOB, job)
+                    self.waiting += 1
 
     def call_at(self, due: float, callback: Callable[[], None]) -> None:
         """Run `callback` in the scheduler thread at the monotonic time `due`."""

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,13 @@ def clear_counts() -> None:
 
     with COUNT_LOCK:
         COUNTS.clear()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Any]]:
+    """Collect callables, such as gate releases and stop(), to run after the
+    test, last first."""
+    calls: list[Any] = []
+    yield calls
+    for call in reversed(calls):
+        call()

@@ -133,3 +133,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = HANG_GUARD) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout} s")
         time.sleep(0.001)
+
+
+class Gate:
+    """A point where a thread waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        if not self.release.wait(HANG_GUARD):
+            raise AssertionError("the test never released the gate")

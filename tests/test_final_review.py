@@ -11,12 +11,11 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, new_instance, unique_name, wait_until, watching
+from support import HANG_GUARD, Gate, new_instance, unique_name, wait_until, watching
 from workers import BlockingWorker, CountingWorker, EchoWorker
 
 import stagehand
@@ -24,27 +23,6 @@ from stagehand import JobState
 from stagehand.cron import parse
 
 pytestmark = pytest.mark.usefixtures("clear_counts")
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Any]]:
-    # Callables that run at the end of a test, last first, such as gate
-    # releases and stop().
-    calls: list[Any] = []
-    yield calls
-    for call in reversed(calls):
-        call()
-
-
-class _Gate:
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def hold(self) -> None:
-        self.entered.set()
-        if not self.release.wait(HANG_GUARD):
-            raise AssertionError("the test never released the gate")
 
 
 class _GatedLive(dict):  # type: ignore[type-arg]
@@ -57,7 +35,7 @@ class _GatedLive(dict):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
         self.target: str | None = None
-        self.gate = _Gate()
+        self.gate = Gate()
         # Set once a thread other than a pool thread has read `target`
         # twice while the gate held the pop back.
         self.read_twice = threading.Event()
@@ -141,7 +119,7 @@ def test_jobs_lists_retried_job_at_retention_limit(
     instance._live = live
     retention = instance._retained
     retention_pop = retention.pop
-    pop_gate = _Gate()
+    pop_gate = Gate()
 
     def gated_pop(job_id: str) -> Any:
         pop_gate.hold()
@@ -199,7 +177,7 @@ class _GatedPending(dict):  # type: ignore[type-arg]
         super().__init__()
         self.key: int | None = None
         self.thread: int | None = None
-        self.gate = _Gate()
+        self.gate = Gate()
 
     def pop(self, key: Any, *default: Any) -> Any:
         value = super().pop(key, *default)
@@ -275,7 +253,7 @@ def test_rejected_insert_all_not_counted_lost(
     cleanup.append(release.set)
     queue = instance._queues["default"]
     ensure_open = queue.ensure_open
-    open_gate = _Gate()
+    open_gate = Gate()
 
     def gated_ensure_open() -> None:
         open_gate.hold()
@@ -355,7 +333,7 @@ def test_rejected_insert_keeps_cancelled_job(
     cleanup.append(instance.stop)
     queue = instance._queues["default"]
     push = queue.push
-    push_gate = _Gate()
+    push_gate = Gate()
 
     def gated_push(job: stagehand.Job) -> None:
         push_gate.hold()

@@ -1013,8 +1013,8 @@ def test_clock_makes_snooze_due(live: stagehand.Stagehand, clock: FakeClock) -> 
 
 
 class _HoldRetryLog(logging.Filter):
-    """Blocks the worker thread while it logs a retry: after the job shows
-    the retryable state, before the scheduler holds it."""
+    """Blocks the worker thread while it logs a retry, after the scheduler
+    holds the job."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1028,7 +1028,7 @@ class _HoldRetryLog(logging.Filter):
         return True
 
 
-def test_wait_for_retry_waits_for_scheduler(
+def test_wait_for_retry_returns_once_held(
     live: stagehand.Stagehand, clock: FakeClock
 ) -> None:
     logger = logging.getLogger("stagehand._execute")
@@ -1039,15 +1039,11 @@ def test_wait_for_retry_waits_for_scheduler(
     try:
         job = FlakyWorker.new({}).insert(live)
         assert hold.logged.wait(HANG_GUARD)
+        # The job turns retryable under the scheduler's lock, together with
+        # its due time, so it is already held while its thread still logs.
         assert job.state is JobState.RETRYABLE
-        waiter = threading.Thread(target=wait_for_job, args=(job, "retryable"))
-        waiter.start()
-        waiter.join(0.2)
-        # The job shows retryable, but its due time is not set yet.
-        assert waiter.is_alive()
-        hold.release.set()
-        waiter.join(HANG_GUARD)
-        assert not waiter.is_alive()
+        assert live._scheduler.waiting == 1  # type: ignore[union-attr]
+        assert wait_for_job(job, "retryable") is job
     finally:
         hold.release.set()
         logger.removeFilter(hold)
