@@ -49,7 +49,7 @@ def _ratio(
     target: str, ours: float | None, theirs: float | None, name: str, least: float
 ) -> Verdict:
     if ours is None or theirs is None or theirs == 0:
-        return Verdict(target, f"not measured ({name} or stagehand missing)", None)
+        return Verdict(target, f"not measured: {name} or stagehand did not run (see --only)", None)
     ratio = ours / theirs
     measured = f"{ours:,.0f} / {theirs:,.0f} ({name}) = {ratio:.3f}x"
     return Verdict(target, measured, ratio >= least)

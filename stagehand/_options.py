@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,11 +56,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_QUEUE_NAME = re.compile(r"[\w.:-]+")
+
+
 def check_queue_name(value: object, name: str = "queue") -> str:
-    if not isinstance(value, str) or not value or value != value.strip():
+    # Letters, digits and _ . : - only: queue names end up in thread names
+    # and in the columns of manage.py stagehand_status.
+    if not isinstance(value, str) or not _QUEUE_NAME.fullmatch(value):
         raise InvalidOption(
-            f"{name} must be a non-empty string without surrounding spaces; "
-            f"got {value!r}"
+            f"{name} must be a non-empty string of letters, digits, '_', '.', "
+            f"':' and '-', such as 'mailers'; got {value!r}"
         )
     return value
 
@@ -78,11 +84,13 @@ def check_max_attempts(value: object, name: str = "max_attempts") -> int:
     return value  # type: ignore[return-value]
 
 
-def check_tags(value: object, name: str = "tags") -> tuple[str, ...]:
+def check_tags(
+    value: object, name: str = "tags", example: str = 'tags=["billing"]'
+) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise InvalidOption(
             f"{name} must be a list or tuple of strings; got {value!r}. "
-            'Write tags=["billing"], not tags="billing".'
+            f"Write a list, such as {example}."
         )
     tags = tuple(value)
     for tag in tags:
@@ -228,7 +236,7 @@ def normalize_unique(value: object) -> dict[str, Any] | None:
     fields = _check_choices("unique fields", value.get("fields"), _UNIQUE_FIELDS)
     keys = value.get("keys")
     if keys is not None:
-        keys = sorted(check_tags(keys, "unique keys"))
+        keys = sorted(check_tags(keys, "unique keys", 'unique={"keys": ["account"]}'))
     states = _check_choices("unique states", value.get("states"), _STATE_NAMES)
     return {
         "period": period,

@@ -383,8 +383,9 @@ def all_enqueued(
         NotRunning: `instance` is None and no default instance is running.
         InvalidOption: A filter is invalid.
     """
-    job_filter = JobFilter.build(**filters)
-    return [job for job in recorded_jobs(instance) if job_filter.matches(job)]
+    target = _resolve_instance(instance)
+    job_filter = _build_filter(target, filters)
+    return [job for job in recorded_jobs(target) if job_filter.matches(job)]
 
 
 def assert_enqueued(
@@ -411,7 +412,7 @@ def assert_enqueued(
         InvalidOption: A filter or the timeout is invalid.
     """
     target = _resolve_instance(instance)
-    job_filter = JobFilter.build(**filters)
+    job_filter = _build_filter(target, filters)
     jobs, matched = _search(target, job_filter, _check_timeout(timeout))
     if not matched:
         raise AssertionError(failure_message(job_filter, jobs, target, waited=timeout))
@@ -440,12 +441,38 @@ def refute_enqueued(
         InvalidOption: A filter or the timeout is invalid.
     """
     target = _resolve_instance(instance)
-    job_filter = JobFilter.build(**filters)
+    job_filter = _build_filter(target, filters)
     jobs, matched = _search(target, job_filter, _check_timeout(timeout))
     if matched:
         raise AssertionError(
             failure_message(job_filter, jobs, target, refute=True, waited=timeout)
         )
+
+
+_FILTER_NAMES = ("worker", "queue", "args", "meta", "priority", "tags", "state")
+
+
+def _build_filter(instance: Stagehand, filters: dict[str, Any]) -> JobFilter:
+    # Checks what JobFilter.build cannot know alone: that each filter name
+    # exists, that a worker path imports, and that the queue is configured,
+    # so that a typo fails instead of matching nothing.
+    unknown = sorted(set(filters) - set(_FILTER_NAMES))
+    if unknown:
+        # TypeError, as for any unexpected keyword argument.
+        raise TypeError(
+            f"unknown filters {unknown}; valid filters are {list(_FILTER_NAMES)}"
+        )
+    worker = filters.get("worker")
+    if isinstance(worker, str) and worker:
+        filters = {**filters, "worker": resolve_worker(worker)}
+    queue = filters.get("queue")
+    configured = sorted(settings.name for settings in instance.settings.queues)
+    if isinstance(queue, str) and queue not in configured:
+        raise QueueNotConfigured(
+            f"queue {queue!r} is not configured on instance {instance.name!r}, so "
+            f"no job can be in it; configured queues are {configured}"
+        )
+    return JobFilter.build(**filters)
 
 
 def _check_timeout(timeout: object) -> float:

@@ -37,6 +37,11 @@ from workers import BlockingWorker, EchoWorker
         ),
         ({"queues": {" x": 1}}, "queue name must be a non-empty string"),
         (
+            {"queues": {"Bad Name!": 1}},
+            "letters, digits, '_', '.', ':' and '-', such as 'mailers'; "
+            "got 'Bad Name!'",
+        ),
+        (
             {"testing": "manaul"},
             "testing must be one of 'disabled', 'manual', 'inline'; got 'manaul'",
         ),

@@ -337,8 +337,30 @@ def test_filter_normalizes_values() -> None:
 
 
 def test_unknown_filter_is_type_error(manual: stagehand.Stagehand) -> None:
-    with pytest.raises(TypeError, match="'args_subset'"):
+    with pytest.raises(TypeError) as raised:
         all_enqueued(manual, args_subset={"a": 1})
+
+    assert str(raised.value) == (
+        "unknown filters ['args_subset']; valid filters are "
+        "['worker', 'queue', 'args', 'meta', 'priority', 'tags', 'state']"
+    )
+
+
+def test_misspelled_worker_path_raises(manual: stagehand.Stagehand) -> None:
+    EmailWorker.new({"to": "a"}).insert(manual)
+
+    with pytest.raises(UnknownWorker, match="check the spelling of the class name"):
+        refute_enqueued(manual, worker=f"{__name__}.EmailWorkr")
+
+
+def test_unconfigured_queue_filter_raises(manual: stagehand.Stagehand) -> None:
+    with pytest.raises(QueueNotConfigured) as raised:
+        refute_enqueued(manual, queue="defualt")
+
+    assert str(raised.value) == (
+        f"queue 'defualt' is not configured on instance {manual.name!r}, so no "
+        "job can be in it; configured queues are ['default', 'mailers']"
+    )
 
 
 def test_filter_describe() -> None:
@@ -409,21 +431,23 @@ def test_state_filter_defaults_to_enqueued(manual: stagehand.Stagehand) -> None:
 
 def test_all_enqueued_filters_in_insert_order(manual: stagehand.Stagehand) -> None:
     first = EmailWorker.new({"to": "a"}).insert(manual)
-    EchoWorker.new({"to": "a"}).insert(manual)
+    echo = EchoWorker.new({"to": "a"}).insert(manual)
     second = EmailWorker.new({"to": "b"}).insert(manual)
 
     assert all_enqueued(manual, worker=EmailWorker) == [first, second]
     assert all_enqueued(manual, worker=EmailWorker, args={"to": "b"}) == [second]
-    assert all_enqueued(manual, queue="reports") == []
+    assert all_enqueued(manual, queue="default") == [echo]
+    assert all_enqueued(manual, queue="default", args={"to": "b"}) == []
 
 
 def test_assert_message_with_no_jobs(manual: stagehand.Stagehand) -> None:
     with pytest.raises(AssertionError) as raised:
-        assert_enqueued(manual, worker="app.Mailer")
+        assert_enqueued(manual, worker=EmailWorker)
 
     assert str(raised.value) == (
-        "expected an enqueued job matching worker='app.Mailer', state in "
-        f"['available', 'scheduled']; instance {manual.name!r} recorded no jobs"
+        f"expected an enqueued job matching worker={worker_path(EmailWorker)!r}, "
+        f"state in ['available', 'scheduled']; instance {manual.name!r} recorded "
+        "no jobs"
     )
 
 

@@ -81,7 +81,11 @@ def test_args_are_copied_through_json() -> None:
         ({"scheduled_at": "2030-01-01"}, "aware datetime"),
         ({"queue": ""}, "queue must be a non-empty string"),
         ({"queue": 5}, "got 5"),
-        ({"tags": "billing"}, 'Write tags=["billing"]'),
+        ({"tags": "billing"}, 'Write a list, such as tags=["billing"]'),
+        (
+            {"unique": {"keys": "account"}},
+            'Write a list, such as unique={"keys": ["account"]}',
+        ),
         ({"tags": ["ok", 3]}, "got 3"),
         ({"meta": [1]}, "meta must be a dict with string keys; got list"),
         ({"unique": "yes"}, "unique must be None, False, True or a dict; got 'yes'"),
