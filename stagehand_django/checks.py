@@ -22,7 +22,8 @@ def check_settings(
     key, E004 an invalid value (the core's validation message), E005
     STAGEHAND_AUTOSTART, E006 STAGEHAND_INSERT_ON_COMMIT, E007
     STAGEHAND_RUNTIME_DIR, E008 a Stagehand task backend naming a queue
-    that STAGEHAND does not configure, W001 a STAGEHAND* setting that
+    that STAGEHAND does not configure, E009 a relative
+    STAGEHAND['leader_lock'] path, W001 a STAGEHAND* setting that
     Stagehand does not read (a misspelling).
     """
     messages: list[checks.CheckMessage] = []

@@ -37,6 +37,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 import stagehand
 from stagehand import _config
+from stagehand.exceptions import QueueNotConfigured
 
 __all__ = [
     "Problem",
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
 _HINTS = {
     "queues": 'Use a dict of queue name to worker threads, such as {"default": 10}.',
     "plugins": "Use a list of (PluginClass or dotted path, options) pairs.",
+    "leader_lock": 'Use an absolute path, such as BASE_DIR / "stagehand.lock".',
     "testing": 'Use "disabled" to run jobs, or "manual" or "inline" in tests.',
     "shutdown_grace_period": "Use a number of seconds, such as 15.",
     "cluster": "Remove the key: this version runs one process per instance.",
@@ -67,6 +69,12 @@ _HINTS = {
     "retention_limit": "Use an int >= 0, such as 10000.",
     "unique_limit": "Use an int >= 1, such as 100000.",
 }
+# The hint when the plugins list is well formed but a plugin rejects its
+# options, such as a bad cron expression or worker path.
+_PLUGIN_OPTIONS_HINT = (
+    "Fix the plugin options that the message names; the list of "
+    "(plugin, options) pairs itself is valid."
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,27 +176,61 @@ def _stagehand_problems(value: object) -> list[Problem]:
                 )
             )
     for key in DEFAULTS:
-        if key in value:
-            found.extend(_value_problems(key, value[key]))
+        if key not in value:
+            continue
+        # A relative leader_lock is reported as such even when the core would
+        # also reject it, because the core resolves it against this process's
+        # working directory.
+        relative = _leader_lock_problems(value[key]) if key == "leader_lock" else []
+        found.extend(relative or _value_problems(key, value[key]))
     if not found:
         found.extend(_instance_problems(value))
     return found
 
 
+def _leader_lock_problems(value: object) -> list[Problem]:
+    # The core accepts a relative path, which each process resolves against
+    # its own working directory, so processes started from different
+    # directories would elect their cron leaders through different files.
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        return []  # the core's check reports these
+    if os.path.isabs(value):
+        return []
+    return [
+        Problem(
+            id="stagehand.E009",
+            msg=f"STAGEHAND['leader_lock'] must be an absolute path; got {value!r}",
+            hint="Processes started from different directories would use "
+            "different lock files and each lead cron. "
+            'Use an absolute path, such as BASE_DIR / "stagehand.lock".',
+        )
+    ]
+
+
 def _instance_problems(value: Mapping[str, Any]) -> list[Problem]:
     # Plugins check some settings only against the whole instance (a cron
     # entry's queue must be one of the instance's queues). Building an
-    # instance starts no thread, so check builds one and drops it.
+    # instance starts no thread and registers nothing, so check builds one
+    # and drops it. It is named "default", as the real instance is, because
+    # the name appears in the plugins' error messages.
     kwargs = {key: value[key] for key in value if key in DEFAULTS}
-    kwargs["name"] = "stagehand-check"
+    kwargs["name"] = "default"
     try:
         stagehand.Stagehand(**kwargs)
     except (ValueError, TypeError) as error:
+        # Every other key passed its own check before this runs, so the
+        # error comes from a plugin.
+        hint = "Make the plugin options agree with the rest of STAGEHAND."
+        if isinstance(error, QueueNotConfigured):
+            hint = (
+                "Add the queue to STAGEHAND['queues'], or change the plugin "
+                "options to use a configured queue."
+            )
         return [
             Problem(
                 id="stagehand.E004",
-                msg=f"STAGEHAND is invalid: {error}",
-                hint="Make the plugins' settings agree with the rest of STAGEHAND.",
+                msg=f"STAGEHAND['plugins'] is invalid: {error}",
+                hint=hint,
             )
         ]
     return []
@@ -201,14 +243,42 @@ def _value_problems(key: str, value: object) -> list[Problem]:
     try:
         _config.build_settings(**arguments)
     except (ValueError, TypeError) as error:
+        hint = _HINTS.get(key, "See docs/django.md.")
+        if key == "plugins" and _is_plugin_list(value):
+            hint = _PLUGIN_OPTIONS_HINT
         return [
             Problem(
                 id="stagehand.E004",
                 msg=f"STAGEHAND[{key!r}] is invalid: {error}",
-                hint=_HINTS.get(key, "See docs/django.md."),
+                hint=hint,
             )
         ]
     return []
+
+
+def _is_plugin_list(value: object) -> bool:
+    """Return whether `value` is a well-formed list of (plugin, options) pairs.
+
+    This repeats the structural checks of the core's plugin validation, but
+    not the plugins' checks of their own options.
+    """
+    if value is None:
+        return True
+    if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+        return False
+    for index, item in enumerate(value):
+        options: object = {}
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                return False
+            item, options = item
+        if not isinstance(options, Mapping):
+            return False
+        try:
+            _config.resolve_plugin(item, index)
+        except (ValueError, TypeError):
+            return False
+    return True
 
 
 def _flag_problems() -> list[Problem]:

@@ -34,13 +34,22 @@ import time
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import get_commands, load_command_class
+from django.core.management.base import ALL_CHECKS
 from django.core.signals import request_started
 
 import stagehand
 from stagehand_django import conf, db
 from stagehand_django.control import ControlPlugin
 
-__all__ = ["decide", "install", "post_worker_init", "start", "stop"]
+__all__ = [
+    "decide",
+    "install",
+    "post_worker_init",
+    "runs_system_checks",
+    "start",
+    "stop",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +118,50 @@ def decide(argv: list[str] | None = None) -> str:
 def install() -> None:
     """Start now or connect the lazy start; called by the app's ready().
 
-    A settings error is logged, not raised, so that ``manage.py check`` can
-    still report it.
+    A settings error is not raised, so that ``manage.py check`` can still
+    report it. It is logged, except in a management command that runs the
+    system checks, which report it themselves.
     """
     try:
         when = decide()
         if when == EAGER:
             start()
     except ImproperlyConfigured as error:
-        logger.error("Stagehand was not started: %s Run manage.py check.", error)
+        if not runs_system_checks():
+            logger.error(
+                "Stagehand was not started: %s Run manage.py check to list "
+                "every mistake.",
+                error,
+            )
         return
     if when == LAZY:
         request_started.connect(_start_on_request, dispatch_uid=__name__)
+
+
+# Commands that run every system check in their own code, not through
+# BaseCommand.requires_system_checks. The test runner calls check. Stagehand's
+# check has no tag, so "check --tag" skips it.
+_CHECKING_COMMANDS = ("check", "test")
+
+
+def runs_system_checks(argv: list[str] | None = None) -> bool:
+    """Return whether this process is a management command that runs
+    Stagehand's system check before doing its work."""
+    argv = sys.argv if argv is None else argv
+    command = management_command(argv)
+    if command is None or "--skip-checks" in argv:
+        return False
+    if command in _CHECKING_COMMANDS:
+        return command != "check" or not any(
+            arg in ("-t", "--tag") or arg.startswith("--tag=") for arg in argv
+        )
+    try:
+        app_name = get_commands()[command]
+        command_class = load_command_class(app_name, command)
+    except (KeyError, ImportError, AttributeError):
+        # Django reports an unknown or broken command when it loads it next.
+        return False
+    return bool(command_class.requires_system_checks == ALL_CHECKS)
 
 
 def _start_on_request(sender: Any, **kwargs: Any) -> None:

@@ -1,9 +1,12 @@
 """Test cases and a pytest fixture for projects that insert Stagehand jobs.
 
-Set ``STAGEHAND = {"testing": "manual"}`` in the test settings: inserts are
-validated and recorded, not run. `StagehandTestCase` (a Django `TestCase`)
-and `StagehandTestMixin` (for any Django test case) forget the recorded
-jobs before each test and add assertions built on `stagehand.testing`::
+Set ``STAGEHAND = {"testing": "manual"}`` in the settings module loaded at
+startup, such as ``manage.py test --settings=mysite.test_settings``. The app
+builds the default instance once, at startup, so ``override_settings``
+cannot change its mode. Inserts are then validated and recorded, not run.
+`StagehandTestCase` (a Django `TestCase`) and `StagehandTestMixin` (for any
+Django test case) forget the recorded jobs before each test and add
+assertions built on `stagehand.testing`::
 
     class CheckoutTests(StagehandTestCase):
         def test_confirmation_is_sent(self):
@@ -41,8 +44,10 @@ def default_test_instance() -> stagehand.Stagehand:
         found = "none runs" if instance is None else "it has testing='disabled'"
         raise ImproperlyConfigured(
             "Stagehand test assertions need the default instance in a testing "
-            f"mode, and {found}; set STAGEHAND['testing'] = 'manual' in the test "
-            "settings"
+            f"mode, and {found}. Set STAGEHAND['testing'] = 'manual' in the "
+            "settings module loaded at startup, for example with manage.py test "
+            "--settings=mysite.test_settings. override_settings cannot change "
+            "it, because the app builds the default instance once, at startup."
         )
     return instance
 

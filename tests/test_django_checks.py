@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+
 import pytest
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
+from django_project.support import Process, manage
 
 import stagehand
 from stagehand_django import conf, lifecycle
@@ -134,4 +139,203 @@ def test_misspelled_setting_names_warn() -> None:
             "STAGEHAND_AUTOSTRT is not a Stagehand setting and is ignored",
             "Did you mean STAGEHAND_AUTOSTART?",
         ),
+    ]
+
+
+CRON = "stagehand.plugins.Cron"
+NOTE_WORKER = "django_project.shop.workers.NoteWorker"
+PAIRS_HINT = "Use a list of (PluginClass or dotted path, options) pairs."
+OPTIONS_HINT = (
+    "Fix the plugin options that the message names; the list of "
+    "(plugin, options) pairs itself is valid."
+)
+
+
+@override_settings(
+    STAGEHAND={
+        "queues": {"default": 1},
+        "plugins": [
+            (CRON, {"crontab": [("@daily", NOTE_WORKER, {"queue": "mailers"})]})
+        ],
+    }
+)
+def test_cron_queue_error_under_plugins() -> None:
+    assert stagehand_errors() == [
+        (
+            "stagehand.E004",
+            "STAGEHAND['plugins'] is invalid: crontab[0]: queue 'mailers' is not "
+            "configured on instance 'default'; configured queues are ['default']. "
+            "Add it to queues={...} or give the entry another 'queue' option.",
+            "Add the queue to STAGEHAND['queues'], or change the plugin options "
+            "to use a configured queue.",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("plugins", "message"),
+    [
+        (
+            [(CRON, {"crontab": [("bad cron", NOTE_WORKER)]})],
+            "STAGEHAND['plugins'] is invalid: crontab[0]: invalid cron expression "
+            "'bad cron': expected 5 fields (minute hour day-of-month month "
+            "day-of-week), got 2",
+        ),
+        (
+            [(CRON, {"crontab": [("@daily", "no.such.Worker")]})],
+            "STAGEHAND['plugins'] is invalid: crontab[0]: cannot import worker "
+            "path 'no.such.Worker': no module named 'no'",
+        ),
+        (
+            [(CRON, {"bogus": 1})],
+            "STAGEHAND['plugins'] is invalid: unknown Cron options ['bogus']; "
+            "valid options are ['crontab', 'timezone']",
+        ),
+    ],
+)
+def test_plugin_option_errors_hint(plugins: list[object], message: str) -> None:
+    with override_settings(STAGEHAND={"plugins": plugins}):
+        errors = stagehand_errors()
+    assert len(errors) == 1
+    assert errors[0][0] == "stagehand.E004"
+    assert errors[0][1].startswith(message)
+    assert errors[0][2] == OPTIONS_HINT
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        "stagehand.plugins.Cron",
+        [(CRON,)],
+        [(CRON, 3)],
+        ["no.such.Plugin"],
+        [("stagehand.Stagehand", {})],
+    ],
+)
+def test_malformed_plugin_list_hint(plugins: object) -> None:
+    with override_settings(STAGEHAND={"plugins": plugins}):
+        errors = stagehand_errors()
+    assert len(errors) == 1
+    assert errors[0][0] == "stagehand.E004"
+    assert errors[0][1].startswith("STAGEHAND['plugins'] is invalid: ")
+    assert errors[0][2] == PAIRS_HINT
+
+
+@pytest.mark.parametrize("path", ["stagehand.lock", "run/stagehand.lock"])
+def test_relative_leader_lock_rejected(path: str) -> None:
+    with override_settings(STAGEHAND={"leader_lock": path}):
+        errors = stagehand_errors()
+    assert errors == [
+        (
+            "stagehand.E009",
+            f"STAGEHAND['leader_lock'] must be an absolute path; got {path!r}",
+            "Processes started from different directories would use different "
+            "lock files and each lead cron. "
+            'Use an absolute path, such as BASE_DIR / "stagehand.lock".',
+        )
+    ]
+
+
+def test_absolute_leader_lock_passes(tmp_path: Path) -> None:
+    lock = tmp_path / "stagehand.lock"
+    queues = {"default": 1, "mailers": 1}
+    with override_settings(STAGEHAND={"queues": queues, "leader_lock": lock}):
+        assert stagehand_errors() == []
+
+
+def test_relative_leader_lock_blocks_start() -> None:
+    with (
+        override_settings(STAGEHAND={"leader_lock": "stagehand.lock"}),
+        pytest.raises(ImproperlyConfigured, match=r"\(stagehand\.E009\)$"),
+    ):
+        lifecycle.start()
+    assert stagehand.default_instance() is None
+
+
+FLAG_ERRORS = [
+    (
+        {"STAGEHAND_AUTOSTART": "yes"},
+        "STAGEHAND_AUTOSTART must be None, True or False; got 'yes'. None lets the "
+        "app decide per process; see docs/django.md. (stagehand.E005)",
+    ),
+    (
+        {"STAGEHAND_INSERT_ON_COMMIT": 1},
+        "STAGEHAND_INSERT_ON_COMMIT must be True or False; got 1. True makes "
+        "job.insert() wait for the transaction to commit. (stagehand.E006)",
+    ),
+    (
+        {"STAGEHAND_RUNTIME_DIR": "relative/dir"},
+        "STAGEHAND_RUNTIME_DIR must be an absolute path; got 'relative/dir'. Use "
+        "a directory only this user can write, or remove the setting. "
+        "(stagehand.E007)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "error"), FLAG_ERRORS)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["manage.py", "check"],
+        ["manage.py", "test"],
+        ["manage.py", "migrate"],
+        ["manage.py", "runserver"],
+        ["manage.py", "stagehand_worker"],
+    ],
+)
+def test_install_silent_in_checking_commands(
+    flags: dict[str, object],
+    error: str,
+    argv: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(sys, "argv", argv)
+    with override_settings(**flags), caplog.at_level(logging.ERROR):
+        lifecycle.install()
+    assert caplog.messages == []
+    assert stagehand.default_instance() is None
+
+
+@pytest.mark.parametrize(("flags", "error"), FLAG_ERRORS)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["manage.py", "shell"],
+        ["manage.py", "migrate", "--skip-checks"],
+        ["manage.py", "check", "--tag", "models"],
+        ["gunicorn", "mysite.wsgi"],
+    ],
+)
+def test_install_logs_where_no_check_runs(
+    flags: dict[str, object],
+    error: str,
+    argv: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(sys, "argv", argv)
+    with override_settings(**flags), caplog.at_level(logging.ERROR):
+        lifecycle.install()
+    assert caplog.messages == [
+        f"Stagehand was not started: {error} Run manage.py check to list every mistake."
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+def test_check_prints_only_check_error() -> None:
+    process = Process(manage("check"), {"STAGEHAND_TEST_AUTOSTART": "yes"})
+    try:
+        assert process.wait() == 1
+    finally:
+        process.kill()
+    assert process.lines == [
+        "SystemCheckError: System check identified some issues:",
+        "",
+        "ERRORS:",
+        "?: (stagehand.E005) STAGEHAND_AUTOSTART must be None, True or False; "
+        "got 'yes'",
+        "\tHINT: None lets the app decide per process; see docs/django.md.",
+        "",
+        "System check identified 1 issue (0 silenced).",
     ]

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
-from django_project.support import WAIT, Process, free_port, manage
+from django_project.support import TESTS_DIR, WAIT, Process, free_port, manage
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
 
@@ -225,6 +226,52 @@ def test_stagehand_worker_runs_jobs_reports_status_and_stops_on_sigterm(
     assert after.wait() == 1
     assert f"no running Stagehand process answered in {runtime}" in "\n".join(
         after.lines
+    )
+
+
+def test_status_json_without_processes(runtime: Path) -> None:
+    out = StringIO()
+    with pytest.raises(CommandError) as raised:
+        call_command(
+            "stagehand_status", "--json", "--runtime-dir", str(runtime), stdout=out
+        )
+    assert json.loads(out.getvalue()) == {
+        "directory": str(runtime),
+        "processes": [],
+        "leaders": [],
+        "failures": [],
+        "removed": [],
+        "error": f"no running Stagehand process answered in {runtime}",
+    }
+    assert str(raised.value).startswith(
+        f"no running Stagehand process answered in {runtime}."
+    )
+
+
+def test_status_json_exit_status_without_processes(runtime: Path) -> None:
+    # Process merges stderr into stdout; this test reads them apart.
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("STAGEHAND_TEST_")
+    }
+    env["DJANGO_SETTINGS_MODULE"] = "django_project.settings"
+    env["PYTHONPATH"] = str(TESTS_DIR)
+    result = subprocess.run(
+        manage("stagehand_status", "--json", "--runtime-dir", str(runtime)),
+        cwd=TESTS_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"] == (
+        f"no running Stagehand process answered in {runtime}"
+    )
+    assert result.stderr.startswith(
+        f"CommandError: no running Stagehand process answered in {runtime}.\n"
     )
 
 

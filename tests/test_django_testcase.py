@@ -99,3 +99,45 @@ def test_without_a_testing_instance_the_error_says_what_to_set() -> None:
             STAGEHAND={"testing": "manual", "queues": {"default": 1, "mailers": 1}}
         ):
             lifecycle.start()
+
+
+OVERRIDE_ERROR = (
+    "Stagehand test assertions need the default instance in a testing mode, "
+    "and {found}. Set STAGEHAND['testing'] = 'manual' in the settings module "
+    "loaded at startup, for example with manage.py test "
+    "--settings=mysite.test_settings. override_settings cannot change it, "
+    "because the app builds the default instance once, at startup."
+)
+
+
+def test_override_settings_error_message() -> None:
+    lifecycle.stop()
+    try:
+        with (
+            override_settings(STAGEHAND={"testing": "manual"}),
+            pytest.raises(ImproperlyConfigured) as raised,
+        ):
+            default_test_instance()
+        assert str(raised.value) == OVERRIDE_ERROR.format(found="none runs")
+    finally:
+        with override_settings(
+            STAGEHAND={"testing": "manual", "queues": {"default": 1, "mailers": 1}}
+        ):
+            lifecycle.start()
+
+
+def test_disabled_instance_error_message() -> None:
+    lifecycle.stop()
+    disabled = stagehand.Stagehand(queues={"default": 1}).start()
+    try:
+        with pytest.raises(ImproperlyConfigured) as raised:
+            default_test_instance()
+        assert str(raised.value) == OVERRIDE_ERROR.format(
+            found="it has testing='disabled'"
+        )
+    finally:
+        disabled.stop()
+        with override_settings(
+            STAGEHAND={"testing": "manual", "queues": {"default": 1, "mailers": 1}}
+        ):
+            lifecycle.start()

@@ -59,8 +59,10 @@ STAGEHAND = {
     "shutdown_grace_period": 20,
     "plugins": _plugins(),
 }
-_AUTOSTART = os.environ.get("STAGEHAND_TEST_AUTOSTART")
-STAGEHAND_AUTOSTART = None if not _AUTOSTART else _AUTOSTART == "true"
+# "true" and "false" give True and False; another value is used as it is,
+# so that tests can see how an invalid STAGEHAND_AUTOSTART is reported.
+_AUTOSTART = os.environ.get("STAGEHAND_TEST_AUTOSTART") or None
+STAGEHAND_AUTOSTART = {"true": True, "false": False}.get(_AUTOSTART or "", _AUTOSTART)
 STAGEHAND_RUNTIME_DIR = os.environ.get("STAGEHAND_TEST_RUNTIME_DIR") or None
 
 TASKS = {

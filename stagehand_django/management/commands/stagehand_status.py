@@ -64,6 +64,11 @@ class Command(BaseCommand):
 
     def _show(self, survey: Survey, *, as_json: bool) -> None:
         if not survey.reports:
+            if as_json:
+                # Scripts read the JSON on stdout, and the exit status stays 1.
+                document = {**_as_document(survey), "error": _no_answer(survey)}
+                self.stdout.write(json.dumps(document, indent=2))
+                self.stdout.flush()
             raise CommandError(_nothing_found(survey))
         if as_json:
             self.stdout.write(json.dumps(_as_document(survey), indent=2))
@@ -72,8 +77,12 @@ class Command(BaseCommand):
         self.stdout.flush()
 
 
+def _no_answer(survey: Survey) -> str:
+    return f"no running Stagehand process answered in {survey.directory}"
+
+
 def _nothing_found(survey: Survey) -> str:
-    lines = [f"no running Stagehand process answered in {survey.directory}."]
+    lines = [f"{_no_answer(survey)}."]
     for failure in survey.failures:
         lines.append(f"  tried {failure}")
     if survey.removed:
