@@ -399,6 +399,33 @@ class Executor:
             return MAX_DELAY
         return float(delay)
 
+    def crashed(self, job: Job, error: BaseException) -> None:
+        """Discard `job`, whose thread failed outside `perform`.
+
+        Without this the job would stay executing with no thread to finish
+        it. It is not retried: the failure is Stagehand's, not the job's.
+        """
+        claim = job._claim
+        if claim and not _try_claim(claim):
+            # Its timeout took the attempt and finishes the job.
+            return
+        if job.state is not JobState.EXECUTING:
+            return
+        now = self._now()
+        job.errors.append(
+            {
+                "attempt": job.attempt,
+                "at": now.isoformat(),
+                "error": f"internal error: {error!r}",
+            }
+        )
+        job.completed_at = now
+        logger.error(
+            "job %s (%s) discarded after an internal error", job.id, job.worker
+        )
+        self._instance._finish(job, JobState.DISCARDED)
+        self.emit_stop(job, 0.0)
+
     def emit_stop(self, job: Job, duration: float) -> None:
         if events.has_handlers("job.stop"):
             events.emit(

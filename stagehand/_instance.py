@@ -124,6 +124,7 @@ class Stagehand(Control):
                 self._executor.run,
                 _insert_sequence,
                 paused=queue.paused,
+                crashed=self._executor.crashed,
             )
             for queue in self.settings.queues
         }
@@ -441,26 +442,35 @@ class Stagehand(Control):
 
     def _stamp(self, job: Job, now: Any) -> float:
         # Returns the delay in seconds before the job is due.
+        if job.schedule_in is not None:
+            delay = job.schedule_in
+            try:
+                scheduled_at = now + timedelta(seconds=delay)
+            except OverflowError:
+                raise InvalidOption(
+                    f"schedule_in={delay:,.0f} s from {now.isoformat()} is past the "
+                    "year 9999; schedule the job earlier"
+                ) from None
+        elif job.scheduled_at is not None:
+            scheduled_at = job.scheduled_at
+            delay = float((scheduled_at - now).total_seconds())
+        else:
+            scheduled_at = now
+            delay = 0.0
         job.id = new_job_id()
         job._sequence = next(_insert_sequence)
         job.inserted_at = now
         job._instance = self
-        if job.schedule_in is not None:
-            delay = job.schedule_in
-            job.scheduled_at = now + timedelta(seconds=delay)
-            return delay
-        if job.scheduled_at is not None:
-            return float((job.scheduled_at - now).total_seconds())
-        job.scheduled_at = now
-        return 0.0
+        job.scheduled_at = scheduled_at
+        return delay
 
     def _enqueue(self, job: Job) -> Job:
         delay = self._stamp(job, self.clock.now())
         if self.testing != "disabled":
             return self._enqueue_for_testing(job, delay)
         if delay > 0:
-            # Scheduled before it is live, so a cancel_job that finds it
-            # cannot be overwritten.
+            # Marked scheduled before it becomes live, so the insert cannot
+            # overwrite what a cancel_job that finds it does.
             job.state = JobState.SCHEDULED
         self._live[job.id] = job  # type: ignore[index]
         try:
@@ -503,7 +513,11 @@ class Stagehand(Control):
         by_queue: dict[str, list[Job]] = {}
         scheduled: list[tuple[float, Job]] = []
         live = self._live
-        delays = [self._stamp(job, now) for job in batch]
+        try:
+            delays = [self._stamp(job, now) for job in batch]
+        except InvalidOption:
+            self._unstamp(batch)
+            raise
         for job, delay in zip(batch, delays, strict=True):
             if delay > 0:
                 job.state = JobState.SCHEDULED

@@ -73,8 +73,11 @@ class Queue:
         numbers: Iterator[int],
         *,
         paused: bool = False,
+        crashed: Callable[[Job, BaseException], None] | None = None,
     ):
         self.name = name
+        # Called with the job a worker thread was running when it crashed.
+        self._crashed = crashed
         self.cond = threading.Condition(threading.Lock())
         self._heap: list[int] = []
         self._pending: dict[int, Job] = {}
@@ -338,7 +341,7 @@ class Queue:
     def _work(self) -> None:
         try:
             self._work_loop()
-        except BaseException:
+        except BaseException as error:
             logger.critical(
                 "worker thread %s of queue %r crashed",
                 threading.current_thread().name,
@@ -347,7 +350,17 @@ class Queue:
             )
             me = threading.get_ident()
             self._taking.discard(me)
-            self._running.pop(me, None)
+            job = self._running.pop(me, None)
+            if job is not None and self._crashed is not None:
+                try:
+                    self._crashed(job, error)
+                except Exception:
+                    logger.critical(
+                        "failed to discard job %s after its thread crashed; it "
+                        "stays executing",
+                        job.id,
+                        exc_info=True,
+                    )
             with self.cond:
                 self._threads -= 1
                 if not self._closed:

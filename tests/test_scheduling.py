@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from stagehand import FakeClock, JobState
+import pytest
+
+from stagehand import FakeClock, InvalidOption, JobState
 from support import running, watching
-from workers import EchoWorker
+from workers import EchoWorker, OutcomeWorker
 
 
 def test_schedule_in_waits_for_clock() -> None:
@@ -81,3 +83,37 @@ def test_many_jobs_due_together() -> None:
         watcher.wait_final(*jobs)
 
     assert [job.result for job in jobs] == list(range(2000))
+
+
+def test_schedule_past_year_9999_changes_nothing() -> None:
+    clock = FakeClock(start=datetime(9990, 1, 1, tzinfo=UTC))
+    with running(clock=clock) as instance:
+        now = EchoWorker.new({})
+        late = EchoWorker.new({}, schedule_in=(36_500, "days"))
+
+        with pytest.raises(InvalidOption) as raised:
+            instance.insert_all([now, late])
+
+        assert instance.jobs() == []
+
+    assert str(raised.value) == (
+        "schedule_in=3,153,600,000 s from 9990-01-01T00:00:00+00:00 is past the "
+        "year 9999; schedule the job earlier"
+    )
+    assert (now.id, late.id) == (None, None)
+
+
+def test_internal_error_discards_the_job() -> None:
+    # A snooze whose wake time lies past the year 9999 fails inside the worker
+    # thread, outside perform. The job is discarded, not left executing.
+    clock = FakeClock(start=datetime(9999, 12, 31, 23, 59, 50, tzinfo=UTC))
+    with running(clock=clock) as instance, watching() as watcher:
+        job = instance.insert(OutcomeWorker.new({"outcome": "snooze"}))
+        watcher.wait_final(job)
+        counts = instance.check_queue("default")
+
+    assert job.state is JobState.DISCARDED
+    assert job.errors[-1]["error"] == (
+        "internal error: OverflowError('date value out of range')"
+    )
+    assert (counts["executing"], counts["discarded"]) == (0, 1)
