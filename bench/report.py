@@ -239,8 +239,9 @@ METHOD = """
   wait on I/O, and B7 shows what they cost on CPU-bound jobs.
 - `threadpool` and `heapq` have no pause, so in B5 each of their 8 threads is
   first occupied by a job that blocks on an event; the measured jobs then wait
-  in the pool's queue. They have no scheduled jobs, so B6 and the second B8
-  figure are n/a.
+  in the pool's queue. `heapq` keeps scheduled jobs in a second heap by due
+  time, with idle threads waiting on the condition until the earliest is
+  due; `threadpool` has none, so its B6 and second B8 figure are n/a.
 - Huey runs twice: `huey` with its consumer defaults (an idle worker polls
   after 0.1 s, backing off by 1.15x up to 10 s) and `huey-1ms` with workers
   polling every millisecond. Huey's scheduler checks due tasks once a second.

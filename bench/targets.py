@@ -49,10 +49,28 @@ def _ratio(
     target: str, ours: float | None, theirs: float | None, name: str, least: float
 ) -> Verdict:
     if ours is None or theirs is None or theirs == 0:
-        return Verdict(target, f"not measured: {name} or stagehand did not run (see --only)", None)
+        return Verdict(
+            target, f"not measured: {name} or stagehand did not run (see --only)", None
+        )
     ratio = ours / theirs
     measured = f"{ours:,.0f} / {theirs:,.0f} ({name}) = {ratio:.3f}x"
     return Verdict(target, measured, ratio >= least)
+
+
+def _at_most(
+    target: str,
+    ours: float | None,
+    theirs: float | None,
+    factor: float,
+    unit: str,
+    digits: int = 1,
+) -> Verdict:
+    # Stagehand's figure against `factor` times the heapq pool's, where
+    # smaller is better.
+    if ours is None or theirs is None:
+        return Verdict(target, "not measured: heapq or stagehand did not run", None)
+    measured = f"{ours:,.{digits}f} {unit} against {theirs:,.{digits}f} {unit} (heapq)"
+    return Verdict(target, measured, ours <= factor * theirs)
 
 
 def _limit(
@@ -105,10 +123,22 @@ def check(suite: Suite) -> list[Verdict]:
         _limit("B6 first start <= 5 ms late", first, "ms", lambda v: v <= 5)
     )
     verdicts.append(
-        Verdict(
-            "B6 last start <= 1.2x the bare pool's; wait CPU <= the bare pool's",
-            "not checked: the bare pools have no scheduled jobs",
-            None,
+        _at_most(
+            "B6 last start <= 1.2x as late as the heapq pool's",
+            median(suite, "stagehand", "b6", "last_late_ms"),
+            median(suite, "heapq", "b6", "last_late_ms"),
+            1.2,
+            "ms",
+        )
+    )
+    verdicts.append(
+        _at_most(
+            "B6 CPU while waiting <= the heapq pool's",
+            median(suite, "stagehand", "b6", "wait_cpu_s"),
+            median(suite, "heapq", "b6", "wait_cpu_s"),
+            1.0,
+            "s",
+            digits=3,
         )
     )
     for variant in ("w8", "w1"):

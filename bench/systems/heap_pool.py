@@ -1,7 +1,9 @@
 """Baseline: the smallest useful pool, a heap and a condition variable.
 
-It has no features (no retries, scheduling, results or shutdown grace) and so
-marks the limit that a pure-Python thread pool can reach on this interpreter.
+It has no features beyond scheduled calls (no retries, results or shutdown
+grace) and so marks the limit that a pure-Python thread pool can reach on
+this interpreter. Scheduled calls wait in a second heap, ordered by due
+time; an idle thread waits on the condition until the earliest is due.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import heapq
 import itertools
 import platform
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +27,7 @@ class HeapPool:
 
     def __init__(self, workers: int) -> None:
         self._heap: list[tuple[int, int, Job, dict[str, Any]]] = []
+        self._timed: list[tuple[float, int, Job, dict[str, Any]]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopping = False
@@ -49,6 +53,14 @@ class HeapPool:
                 heapq.heappush(self._heap, (0, next(self._seq), fn, args))
             self._cond.notify(len(batch))
 
+    def push_at(self, fn: Job, args: dict[str, Any], due: float) -> None:
+        """Queue one call for the ``time.monotonic()`` time `due`."""
+        with self._cond:
+            heapq.heappush(self._timed, (due, next(self._seq), fn, args))
+            if self._timed[0][0] == due:
+                # Sleeping threads wait for an older due time, or for ever.
+                self._cond.notify_all()
+
     def stop(self) -> None:
         """Let the threads finish the queued calls and exit."""
         with self._cond:
@@ -56,13 +68,23 @@ class HeapPool:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        heap = self._heap
+        timed = self._timed
         while True:
             with self._cond:
-                while not self._heap and not self._stopping:
-                    self._cond.wait()
-                if not self._heap:
-                    return
-                _, _, fn, args = heapq.heappop(self._heap)
+                while True:
+                    if timed and timed[0][0] <= time.monotonic():
+                        _, _, fn, args = heapq.heappop(timed)
+                        break
+                    if heap:
+                        _, _, fn, args = heapq.heappop(heap)
+                        break
+                    if self._stopping:
+                        return
+                    if timed:
+                        self._cond.wait(timed[0][0] - time.monotonic())
+                    else:
+                        self._cond.wait()
             fn(args)
 
 
@@ -93,6 +115,9 @@ class HeapPoolSystem(System):
 
     def insert_all(self, batch: list[dict[str, Any]]) -> None:
         self._pool.push_many(perform, batch)
+
+    def insert_in(self, args: dict[str, Any], seconds: float) -> None:
+        self._pool.push_at(perform, args, time.monotonic() + seconds)
 
     def stop(self) -> None:
         if self._gate is not None:
