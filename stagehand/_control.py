@@ -299,11 +299,29 @@ class Control:
                 "run again; retry it on a running instance"
             )
         with self._locks_for(job):
+            closed = (
+                self._queues[job.queue]._closed
+                if self.testing == "disabled"
+                else self._state != _RUNNING
+            )
+            if closed:
+                # stop() got this far while this call waited for the locks.
+                raise ShuttingDown(
+                    f"instance {self.name!r} stopped, so job {job_id} cannot run "
+                    "again; retry it on a running instance"
+                )
             state = job.state
             if state in (JobState.AVAILABLE, JobState.EXECUTING):
                 return job
             waiting = state in _WAITING and self._scheduler is not None
-            if waiting and not self._scheduler.forget_job(job):  # type: ignore[union-attr]
+            if (
+                waiting
+                and not self._scheduler.forget_job(job)  # type: ignore[union-attr]
+                and job._schedule_seq != 0
+            ):
+                # In transit from the scheduler to its queue: available soon.
+                # (At 0 its insert has not handed it to the scheduler yet,
+                # and skips it once it is available.)
                 return job
             if job.attempt >= job.max_attempts:
                 job.max_attempts = job.attempt + 1

@@ -317,10 +317,16 @@ class Stagehand(Control):
 
     def _abandon(self, jobs: list[Job]) -> None:
         for job in jobs:
-            if not job._claim:
+            claim = job._claim
+            if not claim:
+                # Its attempt is recording its outcome.
                 continue
             try:
-                thread_id = job._claim.pop()
+                if claim[0] not in self._queues[job.queue]._running:
+                    # Run in a caller's thread (inline, or a testing drain),
+                    # which records the outcome itself when the job returns.
+                    continue
+                thread_id = claim.pop()
             except IndexError:
                 continue
             now = self.clock.now()
@@ -595,11 +601,13 @@ class Stagehand(Control):
         # monotonic scale. Returns False, changing nothing, when cancel_job
         # has requested its cancellation.
         if self._scheduler is None:
-            if job.cancel_requested:
-                return False
-            job.state = state
-            job.scheduled_at = scheduled_at
-            return True
+            # cancel_job takes this lock in testing modes.
+            with self._recorded_lock:
+                if job.cancel_requested:
+                    return False
+                job.state = state
+                job.scheduled_at = scheduled_at
+                return True
         return self._scheduler.hold(job, state, scheduled_at, due)
 
     def _finish(self, job: Job, state: JobState) -> None:

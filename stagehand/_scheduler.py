@@ -101,6 +101,14 @@ class Scheduler:
             job.scheduled_at = scheduled_at
             self._push_locked(due, _JOB, job)
             self.waiting += 1
+            if self._stopped:
+                # stop() has counted the lost jobs already, so say it here.
+                logger.warning(
+                    "job %s (%s) turned %s after its instance stopped; it is lost",
+                    job.id,
+                    job.worker,
+                    state.value,
+                )
             return True
 
     def add_jobs(self, jobs: list[tuple[float, Job]]) -> None:

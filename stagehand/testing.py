@@ -39,6 +39,7 @@ from stagehand.exceptions import (
     JobNotFound,
     NotRunning,
     QueueNotConfigured,
+    UnknownWorker,
 )
 
 __all__ = [
@@ -464,7 +465,15 @@ def _build_filter(instance: Stagehand, filters: dict[str, Any]) -> JobFilter:
         )
     worker = filters.get("worker")
     if isinstance(worker, str) and worker:
-        filters = {**filters, "worker": resolve_worker(worker)}
+        # Only checked: the path is matched as given, since a job keeps the
+        # path it was inserted under.
+        try:
+            resolve_worker(worker)
+        except UnknownWorker:
+            # A class defined inside a function has no importable path, but
+            # its jobs still carry one.
+            if not any(job.worker == worker for job in recorded_jobs(instance)):
+                raise
     queue = filters.get("queue")
     configured = sorted(settings.name for settings in instance.settings.queues)
     if isinstance(queue, str) and queue not in configured:
