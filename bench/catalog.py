@@ -134,10 +134,16 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         full={"seconds": 10},
         quick={"seconds": 2},
     ),
+    # TODO: measure B9 once the cluster exists: unique inserts routed to a
+    # remote owner per second, and the time to hand 100,000 queued jobs to
+    # two survivors on a graceful stop.
     Benchmark(
         key="b9",
         title="B9 cluster",
-        measures="Throughput across peers of a Stagehand cluster.",
+        measures=(
+            "Unique inserts routed to a remote owner per second, and the time "
+            "to hand 100,000 queued jobs to two survivors on a graceful stop."
+        ),
         metrics=(),
         skip_reason="the cluster does not exist yet",
     ),

@@ -178,6 +178,8 @@ class Queue:
             ShuttingDown: The queue was closed by `stop()`.
         """
         # Every insert comes here, so _push_key and _key are written out.
+        # NOTE: several inserting threads convoy on `cond` here; see B2 in
+        # docs/performance.md.
         with self.cond:
             if self._closed:
                 self._check_open()
