@@ -91,6 +91,8 @@ class Executor:
         # The claim contains the id of the thread that runs the attempt. The
         # timeout or stop() that takes the claim needs it to free the slot.
         claim = job._claim = [threading.get_ident()]
+        # Kept for `crashed`, which must act only on this thread's attempt.
+        _running.claim = claim
         if "job.start" in _handlers:
             events.emit(
                 "job.start",
@@ -405,7 +407,10 @@ class Executor:
         Without this the job would stay executing with no thread to finish
         it. It is not retried: the failure is Stagehand's, not the job's.
         """
-        claim = job._claim
+        claim = getattr(_running, "claim", None)
+        if claim is None or job._claim is not claim:
+            # The job has moved on to another attempt, in another thread.
+            return
         if claim and not _try_claim(claim):
             # Its timeout took the attempt and finishes the job.
             return

@@ -445,18 +445,15 @@ class Stagehand(Control):
             # checked its fields yet.
             check_job_fields(job)
             job._worker_class = resolve_worker(job.worker)
+        if job.schedule_in is not None:
+            # A due time past the year 9999 fails here, before any insert.
+            _due_at(self.clock.now(), job.schedule_in)
 
     def _stamp(self, job: Job, now: Any) -> float:
         # Returns the delay in seconds before the job is due.
         if job.schedule_in is not None:
             delay = job.schedule_in
-            try:
-                scheduled_at = now + timedelta(seconds=delay)
-            except OverflowError:
-                raise InvalidOption(
-                    f"schedule_in={delay:,.0f} s from {now.isoformat()} is past the "
-                    "year 9999; schedule the job earlier"
-                ) from None
+            scheduled_at = _due_at(now, delay)
         elif job.scheduled_at is not None:
             scheduled_at = job.scheduled_at
             delay = float((scheduled_at - now).total_seconds())
@@ -507,6 +504,9 @@ class Stagehand(Control):
         ]
         for job in undone:
             self._live.pop(job.id, None)  # type: ignore[arg-type]
+            if job.schedule_in is not None or job.scheduled_at is job.inserted_at:
+                # _stamp set it; an explicit scheduled_at stays.
+                job.scheduled_at = None
             job.id = None
             job.inserted_at = None
             job.state = JobState.AVAILABLE
@@ -617,6 +617,16 @@ class Stagehand(Control):
         self._retained.add(job)
         job.state = state
         self._live.pop(job.id, None)  # type: ignore[arg-type]
+
+
+def _due_at(now: datetime, delay: float) -> datetime:
+    try:
+        return now + timedelta(seconds=delay)
+    except OverflowError:
+        raise InvalidOption(
+            f"schedule_in={delay:,.0f} s from {now.isoformat()} is past the year "
+            "9999; schedule the job earlier"
+        ) from None
 
 
 _insert_sequence = itertools.count(1)

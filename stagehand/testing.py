@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -124,6 +124,9 @@ class JobFilter:
     """
 
     worker: str | None = None
+    # The class `worker` names, when known: a job inserted under another path
+    # to the same class matches too.
+    worker_class: type[Worker] | None = None
     queue: str | None = None
     args: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
@@ -161,8 +164,10 @@ class JobFilter:
             InvalidOption: A filter value is invalid.
             UnknownWorker: `worker` is a class that is not a Worker subclass.
         """
+        worker_class: type[Worker] | None = None
         if isinstance(worker, type):
-            worker = worker_path(resolve_worker(worker))
+            worker_class = resolve_worker(worker)
+            worker = worker_path(worker_class)
         elif worker is not None and (not isinstance(worker, str) or not worker):
             raise InvalidOption(
                 "worker must be a Worker subclass or its dotted path, such as "
@@ -170,6 +175,7 @@ class JobFilter:
             )
         return cls(
             worker=worker,
+            worker_class=worker_class,
             queue=None if queue is None else _options.check_queue_name(queue),
             args=None if args is None else _normalize_dict(args, "args"),
             meta=None if meta is None else _normalize_dict(meta, "meta"),
@@ -196,7 +202,11 @@ class JobFilter:
     def _checks(self, job: Job) -> dict[str, bool]:
         tags = self.tags
         return {
-            "worker": self.worker is None or job.worker == self.worker,
+            "worker": self.worker is None
+            or job.worker == self.worker
+            or (
+                self.worker_class is not None and job._worker_class is self.worker_class
+            ),
             "queue": self.queue is None or job.queue == self.queue,
             "args": self.args is None or is_subset(self.args, job.args),
             "meta": self.meta is None or is_subset(self.meta, job.meta),
@@ -463,17 +473,20 @@ def _build_filter(instance: Stagehand, filters: dict[str, Any]) -> JobFilter:
         raise TypeError(
             f"unknown filters {unknown}; valid filters are {list(_FILTER_NAMES)}"
         )
+
     worker = filters.get("worker")
+    worker_class: type[Worker] | None = None
     if isinstance(worker, str) and worker:
-        # Only checked: the path is matched as given, since a job keeps the
-        # path it was inserted under.
+        # The path is matched as given, since a job keeps the path it was
+        # inserted under, and so is any other path to the same class.
         try:
-            resolve_worker(worker)
+            worker_class = resolve_worker(worker)
         except UnknownWorker:
             # A class defined inside a function has no importable path, but
             # its jobs still carry one.
             if not any(job.worker == worker for job in recorded_jobs(instance)):
                 raise
+
     queue = filters.get("queue")
     configured = sorted(settings.name for settings in instance.settings.queues)
     if isinstance(queue, str) and queue not in configured:
@@ -481,7 +494,11 @@ def _build_filter(instance: Stagehand, filters: dict[str, Any]) -> JobFilter:
             f"queue {queue!r} is not configured on instance {instance.name!r}, so "
             f"no job can be in it; configured queues are {configured}"
         )
-    return JobFilter.build(**filters)
+
+    job_filter = JobFilter.build(**filters)
+    if worker_class is not None:
+        job_filter = replace(job_filter, worker_class=worker_class)
+    return job_filter
 
 
 def _check_timeout(timeout: object) -> float:
