@@ -146,3 +146,41 @@ class Gate:
         self.entered.set()
         if not self.release.wait(HANG_GUARD):
             raise AssertionError("the test never released the gate")
+
+
+class HeldLive(dict):  # type: ignore[type-arg]
+    """A live table whose first store by `thread` waits after storing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+        self.gate = Gate()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if threading.get_ident() == self.thread and not self.gate.entered.is_set():
+            self.gate.hold()
+
+
+def run_in_thread(
+    cleanup: list[Any], target: Any, *args: Any, live: HeldLive | None = None
+) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target(*args)`` in a new thread, joined at cleanup.
+
+    The returned list gets the result or the error. With `live`, the thread's
+    stores into that table are the ones it holds.
+    """
+    outcome: list[Any] = []
+
+    def body() -> None:
+        if live is not None:
+            live.thread = threading.get_ident()
+        try:
+            outcome.append(target(*args))
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    cleanup.append(lambda: thread.join(HANG_GUARD))
+    return thread, outcome

@@ -11,7 +11,16 @@ import threading
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, Gate, new_instance, unique_name, wait_until, watching
+from support import (
+    HANG_GUARD,
+    Gate,
+    HeldLive,
+    new_instance,
+    run_in_thread,
+    unique_name,
+    wait_until,
+    watching,
+)
 from workers import CountingWorker, runs_of
 
 import stagehand
@@ -19,40 +28,6 @@ from stagehand import JobState
 from stagehand.testing import FakeClock
 
 pytestmark = pytest.mark.usefixtures("clear_counts")
-
-
-class _HeldLive(dict):  # type: ignore[type-arg]
-    """A live table whose first store by `thread` waits after storing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread: int | None = None
-        self.gate = Gate()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        if threading.get_ident() == self.thread and not self.gate.entered.is_set():
-            self.gate.hold()
-
-
-def _run_in_thread(
-    cleanup: list[Any], target: Any, *args: Any, live: _HeldLive | None = None
-) -> tuple[threading.Thread, list[Any]]:
-    # Runs target(*args) in a thread; the list gets its result or error.
-    outcome: list[Any] = []
-
-    def body() -> None:
-        if live is not None:
-            live.thread = threading.get_ident()
-        try:
-            outcome.append(target(*args))
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    cleanup.append(lambda: thread.join(HANG_GUARD))
-    return thread, outcome
 
 
 def _flush_scheduler(
@@ -76,7 +51,7 @@ def test_cancel_during_scheduled_insert(cleanup: list[Any], batch: bool) -> None
     # must stay cancelled when the insert goes on, and must never run when
     # its time comes.
     clock = FakeClock()
-    live = _HeldLive()
+    live = HeldLive()
     instance = new_instance("break-review", queues={"default": 1}, clock=clock)
     instance._live = live
     instance.start()
@@ -84,9 +59,9 @@ def test_cancel_during_scheduled_insert(cleanup: list[Any], batch: bool) -> None
     cleanup.append(live.gate.release.set)
     job = CountingWorker.new({"n": 1}, schedule_in=60)
     if batch:
-        inserter, _ = _run_in_thread(cleanup, instance.insert_all, [job], live=live)
+        inserter, _ = run_in_thread(cleanup, instance.insert_all, [job], live=live)
     else:
-        inserter, _ = _run_in_thread(cleanup, instance.insert, job, live=live)
+        inserter, _ = run_in_thread(cleanup, instance.insert, job, live=live)
     assert live.gate.entered.wait(HANG_GUARD)
 
     assert instance.cancel_job(job.id).state is JobState.CANCELLED  # type: ignore[arg-type]
@@ -109,7 +84,7 @@ def test_retry_during_scheduled_insert_runs_once(cleanup: list[Any]) -> None:
     # and the job's scheduled time comes, the job must still be queued once
     # and run once.
     clock = FakeClock()
-    live = _HeldLive()
+    live = HeldLive()
     instance = new_instance(
         "break-review", queues={"default": {"limit": 1, "paused": True}}, clock=clock
     )
@@ -118,7 +93,7 @@ def test_retry_during_scheduled_insert_runs_once(cleanup: list[Any]) -> None:
     cleanup.append(instance.stop)
     cleanup.append(live.gate.release.set)
     job = CountingWorker.new({"n": 1}, schedule_in=60)
-    inserter, _ = _run_in_thread(cleanup, instance.insert, job, live=live)
+    inserter, _ = run_in_thread(cleanup, instance.insert, job, live=live)
     assert live.gate.entered.wait(HANG_GUARD)
     instance.cancel_job(job.id)  # type: ignore[arg-type]
     assert instance.retry_job(job.id).state is JobState.AVAILABLE  # type: ignore[arg-type]
@@ -156,7 +131,7 @@ def test_cancel_before_scheduler_not_lost(
 
     scheduler.add_job = gated_add_job  # type: ignore[method-assign]
     job = CountingWorker.new({"n": 1}, schedule_in=60)
-    inserter, _ = _run_in_thread(cleanup, instance.insert, job)
+    inserter, _ = run_in_thread(cleanup, instance.insert, job)
     assert gate.entered.wait(HANG_GUARD)
     instance.cancel_job(job.id)  # type: ignore[arg-type]
     gate.release.set()
@@ -225,7 +200,7 @@ def test_stop_from_job_while_stopping(cleanup: list[Any]) -> None:
     cleanup.append(gate.release.set)
     job = instance.insert(StopsItsStoppingInstanceWorker.new({"gate": name}))
     assert gate.entered.wait(HANG_GUARD)
-    stopper, _ = _run_in_thread(cleanup, instance.stop)
+    stopper, _ = run_in_thread(cleanup, instance.stop)
     cleanup.append(stopped.unblock.set)
     wait_until(lambda: instance._queues["default"]._closed)
     gate.release.set()
@@ -338,7 +313,7 @@ def test_get_job_finds_job_being_retried(cleanup: list[Any]) -> None:
         gated_threads.append(threading.get_ident())
         return instance.get_job(job.id)  # type: ignore[arg-type]
 
-    reader, found = _run_in_thread(cleanup, look_up)
+    reader, found = run_in_thread(cleanup, look_up)
     assert gate.entered.wait(HANG_GUARD)
     assert instance.retry_job(job.id).state is JobState.AVAILABLE  # type: ignore[arg-type]
     gate.release.set()

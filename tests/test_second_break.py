@@ -13,7 +13,16 @@ import threading
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, Gate, new_instance, unique_name, wait_until, watching
+from support import (
+    HANG_GUARD,
+    Gate,
+    HeldLive,
+    new_instance,
+    run_in_thread,
+    unique_name,
+    wait_until,
+    watching,
+)
 from workers import CountingWorker, FailingWorker, runs_of
 
 import stagehand
@@ -23,24 +32,6 @@ from stagehand.exceptions import ShuttingDown
 from stagehand.testing import FakeClock
 
 pytestmark = pytest.mark.usefixtures("clear_counts")
-
-
-def _run_in_thread(
-    cleanup: list[Any], target: Any, *args: Any
-) -> tuple[threading.Thread, list[Any]]:
-    # Runs target(*args) in a thread; the list gets its result or error.
-    outcome: list[Any] = []
-
-    def body() -> None:
-        try:
-            outcome.append(target(*args))
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    cleanup.append(lambda: thread.join(HANG_GUARD))
-    return thread, outcome
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -133,7 +124,7 @@ def test_retry_job_racing_stop_is_rejected(
         return locks_for(target)
 
     instance._locks_for = gated_locks_for  # type: ignore[method-assign]
-    thread, outcome = _run_in_thread(cleanup, instance.retry_job, job.id)
+    thread, outcome = run_in_thread(cleanup, instance.retry_job, job.id)
     assert gate.entered.wait(HANG_GUARD)
     with caplog.at_level(logging.INFO, logger="stagehand"):
         instance.stop()
@@ -151,20 +142,6 @@ def test_retry_job_racing_stop_is_rejected(
 # retry_job during a scheduled insert
 
 
-class _HeldLive(dict):  # type: ignore[type-arg]
-    """A live table whose first store by `thread` waits after storing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread: int | None = None
-        self.gate = Gate()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        if threading.get_ident() == self.thread and not self.gate.entered.is_set():
-            self.gate.hold()
-
-
 def test_retry_during_scheduled_insert_makes_job_available(
     cleanup: list[Any],
 ) -> None:
@@ -173,7 +150,7 @@ def test_retry_during_scheduled_insert_makes_job_available(
     # table and before it hands the job to the scheduler. The job must be
     # available once retry_job returns, and stay so after the insert goes on.
     clock = FakeClock()
-    live = _HeldLive()
+    live = HeldLive()
     instance = new_instance(
         "second-break", queues={"default": {"limit": 1, "paused": True}}, clock=clock
     )
@@ -187,7 +164,7 @@ def test_retry_during_scheduled_insert_makes_job_available(
         live.thread = threading.get_ident()
         return instance.insert(job)
 
-    inserter, _ = _run_in_thread(cleanup, insert)
+    inserter, _ = run_in_thread(cleanup, insert)
     assert live.gate.entered.wait(HANG_GUARD)
     retried = instance.retry_job(job.id)  # type: ignore[arg-type]
     live.gate.release.set()
@@ -236,12 +213,12 @@ def test_cancel_during_manual_hold_is_not_retried(cleanup: list[Any]) -> None:
         drainer.append(threading.get_ident())
         return testing.drain_queue("default", instance)
 
-    drain_thread, _ = _run_in_thread(cleanup, drain)
+    drain_thread, _ = run_in_thread(cleanup, drain)
     assert gate.entered.wait(HANG_GUARD)
     # A hold that owns the recorded jobs' lock here makes cancel_job wait
     # for it; one that does not lets cancel_job finish first.
     held_under_lock = instance._recorded_lock.locked()
-    canceller, _ = _run_in_thread(cleanup, instance.cancel_job, job.id)
+    canceller, _ = run_in_thread(cleanup, instance.cancel_job, job.id)
     if not held_under_lock:
         canceller.join(HANG_GUARD)
     gate.release.set()
