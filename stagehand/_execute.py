@@ -346,8 +346,8 @@ class Executor:
         # A snooze does not use up an attempt: the attempt still counts, and
         # max_attempts grows by one to make up for it.
         monotonic = self._clock.monotonic()
-        job.max_attempts += 1
         wake_at = self._clock.now() + timedelta(seconds=seconds)
+        job.max_attempts += 1
         if not self._instance._hold(
             job, JobState.SCHEDULED, wake_at, monotonic + seconds
         ):

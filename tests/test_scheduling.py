@@ -117,3 +117,5 @@ def test_internal_error_discards_the_job() -> None:
         "internal error: OverflowError('date value out of range')"
     )
     assert (counts["executing"], counts["discarded"]) == (0, 1)
+    # The snooze failed before it could give the attempt back.
+    assert (job.attempt, job.max_attempts) == (1, OutcomeWorker.max_attempts)
