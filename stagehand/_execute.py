@@ -85,12 +85,19 @@ class Executor:
             calling thread must then exit, since a replacement runs.
         """
         instance = self._instance
+        # The claim contains the id of the thread that runs the attempt. The
+        # timeout or stop() that takes the claim needs it to free the slot.
+        if queue is None:
+            claim = job._claim = [threading.get_ident()]
+        else:
+            # The queue's thread claimed the job when it took it.
+            claim = job._claim  # type: ignore[assignment]
+            if not claim:
+                # stop() abandoned the job before its attempt began.
+                return True
         attempt = job.attempt + 1
         job.attempt = attempt
         job.attempted_at = self._now()
-        # The claim contains the id of the thread that runs the attempt. The
-        # timeout or stop() that takes the claim needs it to free the slot.
-        claim = job._claim = [threading.get_ident()]
         # Kept for `crashed`, which must act only on this thread's attempt.
         _running.claim = claim
         if "job.start" in _handlers:

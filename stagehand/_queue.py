@@ -397,8 +397,11 @@ class Queue:
                 # Cancelled, drained, or queued again under a new number.
                 taking.discard(me)
                 continue
-            job.state = _EXECUTING
+            # Claimed before it turns executing, so that a stop() that finds
+            # it executing can always take the claim and abandon it.
+            job._claim = [me]
             running[me] = job
+            job.state = _EXECUTING
             taking.discard(me)
             if runner(job, self):
                 with self.cond:

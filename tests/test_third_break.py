@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, new_instance, running, unique_name, wait_until
-from workers import EchoWorker
+from support import HANG_GUARD, Gate, new_instance, running, unique_name, wait_until
+from workers import CountingWorker, EchoWorker, runs_of
 
 import stagehand
 from stagehand import JobState, events, testing
@@ -159,3 +159,37 @@ def test_refute_enqueued_alias_path() -> None:
 
         with pytest.raises(AssertionError):
             testing.refute_enqueued(instance, worker=alias)
+
+
+def test_stop_abandons_job_not_yet_started(cleanup: list[Any]) -> None:
+    # Guarantee: stop() waits the grace period for executing jobs, then
+    # abandons the rest, which never start again. Here the pool's thread has
+    # taken a job and marked it executing, and is held before its attempt
+    # begins when the grace period ends. stop() must abandon the job, and the
+    # thread must not run it afterwards.
+    instance = new_instance(
+        "third-break", queues={"default": 1}, shutdown_grace_period=0.05
+    )
+    queue = instance._queues["default"]
+    run = queue._runner
+    gate = Gate()
+
+    def held_run(job: stagehand.Job, owner: Any) -> bool:
+        gate.hold()
+        return run(job, owner)
+
+    queue._runner = held_run
+    cleanup.append(gate.release.set)
+    instance.start()
+    cleanup.append(instance.stop)
+    job = instance.insert(CountingWorker.new({"n": 1}))
+    assert gate.entered.wait(HANG_GUARD)
+    assert job.state is JobState.EXECUTING
+
+    instance.stop()
+    gate.release.set()
+    wait_until(lambda: queue.stuck == 0)
+
+    assert job.state is JobState.DISCARDED
+    assert job.errors[-1]["error"].startswith("abandoned: ")
+    assert (job.attempt, runs_of(1)) == (0, 0)
