@@ -121,16 +121,18 @@ class Control:
         first = self._live.copy()
         retained = self._retained.jobs()
         second = self._live.copy()
+
         found: dict[str | None, tuple[Job, JobState]] = {}
         late: list[tuple[Job, JobState]] = []
         finished: list[Job] = []
         for job in retained:
             state = job.state
             found[job.id] = (job, state)
-            # A retried job turns available before it leaves retention; it
-            # does not count against the limit.
+            # A retried job turns available before it leaves retention, so
+            # it does not count against the limit.
             if state.is_final:
                 finished.append(job)
+
         for table in (first, second):
             for job_id, job in table.items():
                 if job_id in found:
@@ -141,6 +143,7 @@ class Control:
                     # retained job.
                     late.append((job, state))
                 found[job_id] = (job, state)
+
         # Show no more finished jobs than retention keeps: the newest ones.
         excess = len(finished) + len(late) - self.settings.retention_limit
         for job in finished[: max(excess, 0)]:
@@ -320,8 +323,8 @@ class Control:
                 and job._schedule_seq != 0
             ):
                 # In transit from the scheduler to its queue: available soon.
-                # (At 0 its insert has not handed it to the scheduler yet,
-                # and skips it once it is available.)
+                # A job at 0 is still being inserted, and its insert skips it
+                # once this call has made it available.
                 return job
             if job.attempt >= job.max_attempts:
                 job.max_attempts = job.attempt + 1

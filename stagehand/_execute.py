@@ -15,7 +15,7 @@ import math
 import threading
 import time
 import traceback
-from datetime import timedelta
+from datetime import datetime, timedelta
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -277,9 +277,7 @@ class Executor:
         )
         self._log_failure(job, kind, text, error)
         if job.cancel_requested:
-            job.completed_at = now
-            logger.info("job %s failed after its cancellation was requested", job.id)
-            self._instance._finish(job, JobState.CANCELLED)
+            self._cancel_failed(job, now)
         elif job.attempt < job.max_attempts:
             delay = self._backoff(job, worker)
             retry_at = now + timedelta(seconds=delay)
@@ -296,11 +294,7 @@ class Executor:
                 )
             else:
                 # cancel_job ran while backoff() did.
-                job.completed_at = now
-                logger.info(
-                    "job %s failed after its cancellation was requested", job.id
-                )
-                self._instance._finish(job, JobState.CANCELLED)
+                self._cancel_failed(job, now)
         else:
             job.completed_at = now
             logger.warning(
@@ -324,6 +318,12 @@ class Executor:
                 },
             )
         self.emit_stop(job, duration)
+
+    def _cancel_failed(self, job: Job, now: datetime) -> None:
+        # A failed attempt of a job whose cancellation was requested ends it.
+        job.completed_at = now
+        logger.info("job %s failed after its cancellation was requested", job.id)
+        self._instance._finish(job, JobState.CANCELLED)
 
     def _log_failure(
         self, job: Job, kind: str, text: str, error: BaseException | None

@@ -102,7 +102,8 @@ class Scheduler:
             self._push_locked(due, _JOB, job)
             self.waiting += 1
             if self._stopped:
-                # stop() has counted the lost jobs already, so say it here.
+                # stop() has counted the lost jobs already, so this job is
+                # logged on its own.
                 logger.warning(
                     "job %s (%s) turned %s after its instance stopped; it is lost",
                     job.id,
