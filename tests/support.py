@@ -92,7 +92,7 @@ def running(**config: Any) -> Iterator[stagehand.Stagehand]:
 
 
 class PopGate:
-    """Stands in for heapq.heappop and holds the thread that pops `target`.
+    """Stand-in for heapq.heappop that blocks the thread popping `target`.
 
     Patch it in with monkeypatch.setattr(heapq, "heappop", gate) before the
     instance starts; worker threads bind heappop when they start.

@@ -1,4 +1,4 @@
-"""Races and edge cases found by a review that tries to break the engine.
+"""Races of cancel, retry and stop with inserts, backoff and lookups.
 
 Each race test stops one thread at a chosen point with a gate: a wrapped
 dict or method that waits on an event, which has the same effect as the
@@ -163,7 +163,7 @@ class StopsItsStoppingInstanceWorker(stagehand.Worker):
 
 
 class _WatchedStopped(threading.Event):
-    """An instance's stopped event that holds a worker thread's wait until
+    """An instance's stopped event that blocks a worker thread's wait until
     `unblock` is set."""
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Races found by a review of the lock-free take and of inspection.
+"""Races between finishing, retrying, draining, cancelling and inserting jobs.
 
 Each test stops one thread at a chosen point with a gate: a wrapped dict
 or method that waits on an event. That has the same effect as the thread
@@ -187,7 +187,7 @@ class _GatedPending(dict):  # type: ignore[type-arg]
 
 
 def test_drain_and_cancel_both_take_one_job(cleanup: list[Any]) -> None:
-    # drain_queue() holds one job half claimed while cancel_job() on the same
+    # drain_queue() has claimed one job part way while cancel_job() on the same
     # job waits. Of drain and cancel, only one may get the job: a drained job
     # must not also be cancelled and retained.
     instance = new_instance(

@@ -1,4 +1,4 @@
-"""Races and edge cases found by a second review that tries to break the engine.
+"""Races of retry_job and stop(), and holds and filters in testing modes.
 
 As in test_break_review.py, each race test stops one thread at a chosen point
 with a gate: a wrapped dict, method or attribute that waits on an event,

@@ -1,4 +1,4 @@
-"""Races and edge cases found by a third review that tries to break the engine.
+"""The crash path, batch checks of due times, worker filters, and abandon.
 
 Each race test stops one thread at a chosen point with a gate or an event
 handler that waits, which has the same effect as the thread being
