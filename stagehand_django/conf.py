@@ -201,8 +201,7 @@ def _leader_lock_problems(value: object) -> list[Problem]:
             id="stagehand.E009",
             msg=f"STAGEHAND['leader_lock'] must be an absolute path; got {value!r}",
             hint="Processes started from different directories would use "
-            "different lock files and each lead cron. "
-            'Use an absolute path, such as BASE_DIR / "stagehand.lock".',
+            f"different lock files and each lead cron. {_HINTS['leader_lock']}",
         )
     ]
 
