@@ -8,8 +8,15 @@ its job by popping the key from `_pending`, so of several threads (a worker,
 lock on this path, eight threads on two cores formed a lock convoy in which
 every job cost two context switches (docs/performance.md has the figures).
 
-Inserts, threads going to sleep, pause, resume, scale and close still take
-the condition `cond`.
+An insert pushes without a lock too: it stores the job in `_pending`, then
+pushes the key, so a thread that pops the key finds the job. Pushes and
+takes each announce themselves in a set (`_pushing`, `_taking`), and
+`close`, `pause` and `cancel_job` wait for those under way (`_settle`), so
+a push either finds the queue closed or finishes before `close` returns.
+With a lock here, four inserting threads convoyed on it the same way.
+
+Retries, scheduled jobs coming due, threads going to sleep, pause, resume,
+scale and close still take the condition `cond`.
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ class Queue:
         # Threads between their check of `paused` and `_closed` and the
         # moment their job is marked executing; see `_settle`.
         self._taking: set[int] = set()
+        # The ids of jobs part way through `push`; see `_settle`.
+        self._pushing: set[int] = set()
         self._numbers = numbers
         self._runner = runner
         self.limit = limit
@@ -147,10 +156,19 @@ class Queue:
     def _wake_all(self) -> None:
         # Wakes every idle thread and every wait_idle() caller. The caller
         # must own `cond`.
-        sleepers = self._sleepers
-        while sleepers:
-            sleepers.pop().release()
+        while self._wake_one():
+            pass
         self.cond.notify_all()
+
+    def _wake_one(self) -> bool:
+        # Wakes one idle thread, if any; False if none slept. A push without
+        # the lock may pop the same list, so the pop itself is the test.
+        try:
+            wake = self._sleepers.pop()
+        except IndexError:
+            return False
+        wake.release()
+        return True
 
     def _settle(self) -> None:
         # Waits until no thread is part way through taking a job. A thread
@@ -162,40 +180,62 @@ class Queue:
         # pop under `cond`.
         # A finalizer run inside this thread's own take may call this; it
         # does not wait for itself.
+        # A push allocates nothing that the garbage collector tracks, so no
+        # finalizer runs inside one, and no push waits here for itself.
         me = threading.get_ident()
         while True:
             taking = self._taking
-            if not taking or (len(taking) == 1 and me in taking):
+            if not self._pushing and (
+                not taking or (len(taking) == 1 and me in taking)
+            ):
                 return
             time.sleep(0)
 
     # Jobs in and out
 
-    def push(self, job: Job) -> None:
+    def _push_new(self, job: Job) -> None:
+        # Every insert comes here, so _push_key and _key are written out.
+        if self._closed:
+            self._check_open()
+        # cancel_job may have cancelled it since it was stamped, and
+        # retry_job queued it again.
+        if job.state is _AVAILABLE and not job._queue_seq:
+            priority = job.priority
+            key = job._sequence
+            if priority:
+                key |= priority << _PRIORITY_SHIFT
+            job._queue_seq = key
+            # Pending first: a thread that pops the entry must find the job.
+            self._pending[key] = job
+            heappush(self._heap, key)
+            # After the heappush: a thread going to sleep lists itself, then
+            # looks at the heap, so at least one of the two finds the other.
+            if self._sleepers and not self.paused:
+                self._wake_one()
+
+    def _push_unlocked(self, job: Job) -> None:
         """Add one just-inserted job to the heap and wake one idle thread.
 
         Raises:
             ShuttingDown: The queue was closed by `stop()`.
         """
-        # Every insert comes here, so _push_key and _key are written out.
-        # NOTE: several inserting threads convoy on `cond` here; see B2 in
-        # docs/performance.md.
+        # Listed in `_pushing` for the whole push, so that close(), pause()
+        # and cancel_job, which wait for `_pushing` to empty, never see it
+        # half done.
+        token = id(job)
+        pushing = self._pushing
+        pushing.add(token)
+        try:
+            self._push_new(job)
+        finally:
+            pushing.discard(token)
+
+    def _push_with_lock(self, job: Job) -> None:
         with self.cond:
-            if self._closed:
-                self._check_open()
-            # cancel_job may have cancelled it since it was stamped, and
-            # retry_job queued it again.
-            if job.state is _AVAILABLE and not job._queue_seq:
-                priority = job.priority
-                key = job._sequence
-                if priority:
-                    key |= priority << _PRIORITY_SHIFT
-                job._queue_seq = key
-                # Pending first: a thread that pops the entry must find the job.
-                self._pending[key] = job
-                heappush(self._heap, key)
-                if self._sleepers and not self.paused:
-                    self._sleepers.pop().release()
+            self._push_new(job)
+
+    # Free-threaded builds run a push in parallel with other pushes and takes.
+    push = _push_unlocked if _GIL_ENABLED else _push_with_lock
 
     def ensure_open(self) -> None:
         """Raise ShuttingDown if `stop()` closed this queue."""
@@ -222,7 +262,7 @@ class Queue:
         self._pending[key] = job
         heapq.heappush(self._heap, key)
         if self._sleepers and not self.paused:
-            self._sleepers.pop().release()
+            self._wake_one()
 
     def push_many(self, jobs: Iterable[Job], *, inserted: bool = False) -> int:
         """Add the jobs that are not cancelled meanwhile; return how many.
@@ -257,9 +297,9 @@ class Queue:
                 pending[key] = job
                 heapq.heappush(heap, key)
                 added += 1
-            sleepers = self._sleepers
-            for _ in range(min(added, len(sleepers)) if not self.paused else 0):
-                sleepers.pop().release()
+            for _ in range(added if not self.paused else 0):
+                if not self._wake_one():
+                    break
         return added
 
     def remove(self, job: Job) -> bool:
@@ -271,11 +311,11 @@ class Queue:
         return self._pending.pop(job._queue_seq, None) is job
 
     def taking(self) -> bool:
-        """True while some thread is part way through taking a job."""
-        return bool(self._taking)
+        """True while some thread is part way through taking or pushing a job."""
+        return bool(self._taking or self._pushing)
 
     def settle(self) -> None:
-        """Wait until a job that `remove` lost to a thread is marked executing.
+        """Wait until a job that `remove` missed is marked executing or queued.
 
         Call it without holding `cond` or the scheduler's lock.
         """
@@ -285,10 +325,11 @@ class Queue:
         """Remove every available job, in run order; the caller owns `cond`.
 
         The jobs are claimed under `cond`, so `cancel_job`, which takes it
-        too, finds each job either queued or drained.
+        too, finds each job either queued or drained. Their heap entries
+        stay, to be skipped: a push without the lock may add one at any
+        moment, and clearing the heap then would lose it.
         """
         keys = sorted(self._heap)
-        self._heap.clear()
         pending = self._pending
         drained = (pending.pop(key, None) for key in keys)
         return [job for job in drained if job is not None]
@@ -431,6 +472,17 @@ class Queue:
                     return True
                 wake.acquire()
                 self._sleepers.append(wake)
+                if self._heap and not self.paused:
+                    # A push without the lock came between the two looks.
+                    # If it took `wake` off the list meanwhile, it releases
+                    # it, and the wait below returns at once.
+                    try:
+                        self._sleepers.remove(wake)
+                    except ValueError:
+                        pass
+                    else:
+                        wake.release()
+                        return True
                 self.cond.release()
                 try:
                     # Blocks until a push or _wake_all() releases it.
