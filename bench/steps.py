@@ -76,8 +76,11 @@ def _run_attempts(collect: bool) -> float:
     instance.pause_queue("default")
     jobs = [instance.insert(NoopWorker.new({"i": i})) for i in range(JOBS)]
     queue = instance._queues["default"]
+    me = threading.get_ident()
     for job in jobs:
         queue.remove(job)
+        # A worker thread claims the job before it marks it executing.
+        job._claim = [me]
         job.state = JobState.EXECUTING
     TRACKER.reset(JOBS)
     run = instance._executor.run
