@@ -47,8 +47,7 @@ def step_table() -> None:
         ("Worker.new(args)", "NoopWorker.new(args)"),
         (
             "  the Job record",
-            "Job(worker='w', args=args, queue='default', tags=(), priority=0, "
-            "max_attempts=20, unique=None, _worker_class=NoopWorker)",
+            "Job._for_worker('w', args, 'default', (), 0, 20, None, NoopWorker)",
         ),
         ("  checking and copying args", "normalize(args, 'args')"),
         ("new_job_id()", "new_job_id()"),

@@ -193,32 +193,13 @@ class Queue:
 
     # Jobs in and out
 
-    def _push_new(self, job: Job) -> None:
-        # Every insert comes here, so _push_key and _key are written out.
-        if self._closed:
-            self._check_open()
-        # cancel_job may have cancelled it since it was stamped, and
-        # retry_job queued it again.
-        if job.state is _AVAILABLE and not job._queue_seq:
-            priority = job.priority
-            key = job._sequence
-            if priority:
-                key |= priority << _PRIORITY_SHIFT
-            job._queue_seq = key
-            # Pending first: a thread that pops the entry must find the job.
-            self._pending[key] = job
-            heappush(self._heap, key)
-            # After the heappush: a thread going to sleep lists itself, then
-            # looks at the heap, so at least one of the two finds the other.
-            if self._sleepers and not self.paused:
-                self._wake_one()
-
     def _push_unlocked(self, job: Job) -> None:
         """Add one just-inserted job to the heap and wake one idle thread.
 
         Raises:
             ShuttingDown: The queue was closed by `stop()`.
         """
+        # Every insert comes here, so _push_key and _key are written out.
         # Listed in `_pushing` for the whole push, so that close(), pause()
         # and cancel_job, which wait for `_pushing` to empty, never see it
         # half done.
@@ -226,13 +207,29 @@ class Queue:
         pushing = self._pushing
         pushing.add(token)
         try:
-            self._push_new(job)
+            if self._closed:
+                self._check_open()
+            # cancel_job may have cancelled it since it was stamped, and
+            # retry_job queued it again.
+            if job.state is _AVAILABLE and not job._queue_seq:
+                priority = job.priority
+                key = job._sequence
+                if priority:
+                    key |= priority << _PRIORITY_SHIFT
+                job._queue_seq = key
+                # Pending first: a thread that pops the entry must find the job.
+                self._pending[key] = job
+                heappush(self._heap, key)
+                # After the heappush: a thread going to sleep lists itself, then
+                # looks at the heap, so at least one of the two finds the other.
+                if self._sleepers and not self.paused:
+                    self._wake_one()
         finally:
             pushing.discard(token)
 
     def _push_with_lock(self, job: Job) -> None:
         with self.cond:
-            self._push_new(job)
+            self._push_unlocked(job)
 
     # Free-threaded builds run a push in parallel with other pushes and takes.
     push = _push_unlocked if _GIL_ENABLED else _push_with_lock

@@ -134,15 +134,15 @@ class Worker:
                 f"{cls.__qualname__} does not implement perform(self, job), so "
                 "its jobs could only fail; define perform before building jobs"
             )
-        job = Job(
-            worker=cls._stagehand_path,
-            args=_options.normalize_json_dict({} if args is None else args, "args"),
-            queue=cls.queue,
-            tags=cls._stagehand_tags,
-            priority=cls.priority,
-            max_attempts=cls.max_attempts,
-            unique=cls._stagehand_unique,
-            _worker_class=cls,
+        job = Job._for_worker(
+            cls._stagehand_path,
+            _options.normalize_json_dict({} if args is None else args, "args"),
+            cls.queue,
+            cls._stagehand_tags,
+            cls.priority,
+            cls.max_attempts,
+            cls._stagehand_unique,
+            cls,
         )
         if options:
             apply_options(job, options)

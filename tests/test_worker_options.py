@@ -26,6 +26,22 @@ def test_new_builds_unsaved_job() -> None:
     assert job.state == "available"
 
 
+def test_new_matches_job_constructor() -> None:
+    # Worker.new builds its Job without __init__, for speed. Every slot must
+    # hold what Job(...) would put there, so a slot added to one and not the
+    # other fails here.
+    built = EchoWorker.new({"value": 1})
+    expected = Job(
+        worker="workers.EchoWorker",
+        args={"value": 1},
+        unique=None,
+        _worker_class=EchoWorker,
+    )
+
+    for name in Job.__slots__:
+        assert getattr(built, name) == getattr(expected, name), name
+
+
 def test_new_applies_every_option() -> None:
     job = EchoWorker.new(
         {"value": 1},
