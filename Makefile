@@ -7,7 +7,7 @@ VENV_313 := .venv-313
 TEST_DEPS := -e '.[test]' 'django>=5.2,<5.3' 'django-tasks>=0.8' gunicorn uwsgi
 TEST_DEPS_313 := -e '.[test]' 'django>=6,<7' gunicorn uwsgi
 
-.PHONY: demo test test-311 test-313 lint bench clean
+.PHONY: demo test test-311 test-313 lint bench profile clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/census.py
@@ -30,6 +30,12 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/python -m bench
+
+# py-spy ships as a compiled wheel; where none installs, bench.profile falls
+# back to cProfile in one thread.
+profile: $(VENV)/.installed
+	$(VENV)/bin/pip install -q py-spy || echo "py-spy did not install; using cProfile"
+	$(VENV)/bin/python -m bench.profile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
