@@ -254,17 +254,21 @@ class Control:
                     # Drained, or its insert failed, while this call waited
                     # for the locks: no longer this instance's to cancel.
                     return job
-                if (
-                    state is JobState.AVAILABLE
-                    and self.testing == "disabled"
-                    and not queue.remove(job)
-                ):
-                    # Not in the queue: a worker thread is claiming it (wait
-                    # and look again), or has claimed it (its state shows it
-                    # once no take is in progress), or it is inserted but not
-                    # pushed yet (its push skips it once it is cancelled).
-                    taken = queue.taking()
-                    state = job.state
+                if state is JobState.AVAILABLE and self.testing == "disabled":
+                    # Inserts push without the queue's lock. A push that
+                    # begins after this store skips the job. One under way
+                    # is found below, since it is listed before it stores the
+                    # job and unlisted after.
+                    job.cancel_requested = True
+                    pushing = queue.pushing(job)
+                    if not queue.remove(job):
+                        # Not in the queue: its push is under way, or a
+                        # worker thread is claiming it (wait for either and
+                        # look again), or a thread has claimed it (its state
+                        # shows it once no take is in progress), or its push
+                        # has not begun (and will skip it).
+                        taken = pushing or queue.taking()
+                        state = job.state
                 if not taken:
                     taken = False
                     if state is JobState.EXECUTING:

@@ -434,6 +434,15 @@ class Stagehand(Control):
                 f"job {job.id} was already inserted; build a new job with "
                 "Worker.new(...) for each insert"
             )
+        if job.state is not JobState.AVAILABLE or job.cancel_requested:
+            # Only a hand-built Job(...) can start out like this, and its
+            # push would skip it, leaving it queued for ever.
+            raise InvalidOption(
+                f"a new job must have state='available' and "
+                f"cancel_requested=False; got state={job.state.value!r}, "
+                f"cancel_requested={job.cancel_requested!r}. Build it with "
+                "Worker.new(...)"
+            )
         if job.queue not in self._queues:
             raise QueueNotConfigured(
                 f"queue {job.queue!r} is not configured on instance {self.name!r}; "

@@ -9,11 +9,13 @@ lock on this path, eight threads on two cores formed a lock convoy in which
 every job cost two context switches (docs/performance.md has the figures).
 
 An insert pushes without a lock too: it stores the job in `_pending`, then
-pushes the key, so a thread that pops the key finds the job. Pushes and
-takes each announce themselves in a set (`_pushing`, `_taking`), and
-`close`, `pause` and `cancel_job` wait for those under way (`_settle`), so
-a push either finds the queue closed or finishes before `close` returns.
-With a lock here, four inserting threads convoyed on it the same way.
+pushes the key, so a thread that pops the key finds the job. Takes and
+pushes list themselves while under way (`_taking`, `_pushing`), and
+`close`, `pause` and `cancel_job` wait for those that began before them
+(`_settle`). A push looks at `closed` after it has queued the job, and
+takes the job back if the queue closed meanwhile, so an insert either
+raises `ShuttingDown` or leaves a job that `stop()` counts. With a lock
+here, four inserting threads convoyed on it as the takes did.
 
 Retries, scheduled jobs coming due, threads going to sleep, pause, resume,
 scale and close still take the condition `cond`.
@@ -29,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from heapq import heappush
+from threading import get_ident
 from typing import Any
 
 from stagehand._job import Job, JobState
@@ -92,8 +95,9 @@ class Queue:
         # Threads between their check of `paused` and `_closed` and the
         # moment their job is marked executing; see `_settle`.
         self._taking: set[int] = set()
-        # The ids of jobs part way through `push`; see `_settle`.
-        self._pushing: set[int] = set()
+        # id() of each job part way through `push`, mapped to the pushing
+        # thread; see `_settle`.
+        self._pushing: dict[int, int] = {}
         self._numbers = numbers
         self._runner = runner
         self.limit = limit
@@ -171,22 +175,26 @@ class Queue:
         return True
 
     def _settle(self) -> None:
-        # Waits until no thread is part way through taking a job. A thread
-        # adds itself to `_taking` before it reads `paused` and `_closed`, so
-        # once this returns, every later take sees the values set before the
-        # call. Taking a job is a few bytecodes, so this yields the GIL a
-        # handful of times at most. The caller must not hold `cond`: a take
-        # can free a job whose finalizer inserts, and free-threaded builds
-        # pop under `cond`.
-        # A finalizer run inside this thread's own take may call this; it
-        # does not wait for itself.
-        # A push allocates nothing that the garbage collector tracks, so no
-        # finalizer runs inside one, and no push waits here for itself.
+        # Waits until no thread is part way through a take, and until every
+        # push under way when this began has ended. A thread adds itself to
+        # `_taking` before it reads `paused` and `_closed`, and a push reads
+        # `_closed` after it is listed, so once this returns, every later
+        # take or push reads the values set before the call. Pushes that
+        # begin later are not waited for: inserting threads can keep
+        # `_pushing` from ever being empty. Each step is a few bytecodes, so
+        # this yields the GIL a handful of times at most. The caller must
+        # not hold `cond`: a take can free a job whose finalizer inserts,
+        # and free-threaded builds pop under `cond`.
+        # A finalizer or signal handler run inside this thread's own take or
+        # push may call this; it does not wait for itself.
         me = threading.get_ident()
+        pushing = self._pushing
+        # copy() is one C call, so no push can change the dict during it.
+        earlier = [token for token, owner in pushing.copy().items() if owner != me]
         while True:
             taking = self._taking
-            if not self._pushing and (
-                not taking or (len(taking) == 1 and me in taking)
+            if (not taking or (len(taking) == 1 and me in taking)) and not any(
+                token in pushing for token in earlier
             ):
                 return
             time.sleep(0)
@@ -200,32 +208,50 @@ class Queue:
             ShuttingDown: The queue was closed by `stop()`.
         """
         # Every insert comes here, so _push_key and _key are written out.
-        # Listed in `_pushing` for the whole push, so that close(), pause()
-        # and cancel_job, which wait for `_pushing` to empty, never see it
-        # half done.
+        # While listed in `_pushing`, the push calls no Python code and raises
+        # nothing itself, so no finalizer runs inside it. The wake-up, whose
+        # pop may raise, comes after.
         token = id(job)
         pushing = self._pushing
-        pushing.add(token)
+        key = 0
+        wake = False
         try:
-            if self._closed:
-                self._check_open()
-            # cancel_job may have cancelled it since it was stamped, and
-            # retry_job queued it again.
-            if job.state is _AVAILABLE and not job._queue_seq:
-                priority = job.priority
+            pushing[token] = get_ident()
+            # Skipped if cancel_job has cancelled it since it was stamped, or
+            # has begun to (see cancel_job), or retry_job queued it again.
+            if (
+                job.state is _AVAILABLE
+                and not job._queue_seq
+                and not job.cancel_requested
+            ):
                 key = job._sequence
+                priority = job.priority
                 if priority:
                     key |= priority << _PRIORITY_SHIFT
                 job._queue_seq = key
                 # Pending first: a thread that pops the entry must find the job.
                 self._pending[key] = job
                 heappush(self._heap, key)
-                # After the heappush: a thread going to sleep lists itself, then
-                # looks at the heap, so at least one of the two finds the other.
-                if self._sleepers and not self.paused:
-                    self._wake_one()
+            closed = self._closed
+            if closed and key and self._pending.pop(key, None) is job:
+                # stop() closed the queue during the push. The job goes back,
+                # unrun and uncounted, and the insert raises.
+                job._queue_seq = 0
+            elif closed and key:
+                # A thread whose take began before the close got the job, and
+                # runs it, so the insert succeeds.
+                closed = False
+            elif key:
+                # After the heappush: a thread going to sleep lists itself,
+                # then looks at the heap, so at least one of the two finds
+                # the other.
+                wake = bool(self._sleepers) and not self.paused
         finally:
-            pushing.discard(token)
+            pushing.pop(token, None)
+        if closed:
+            self._check_open()
+        if wake:
+            self._wake_one()
 
     def _push_with_lock(self, job: Job) -> None:
         with self.cond:
@@ -308,11 +334,18 @@ class Queue:
         return self._pending.pop(job._queue_seq, None) is job
 
     def taking(self) -> bool:
-        """True while some thread is part way through taking or pushing a job."""
-        return bool(self._taking or self._pushing)
+        """True while some thread is part way through taking a job."""
+        return bool(self._taking)
+
+    def pushing(self, job: Job) -> bool:
+        """True while an insert of `job` is part way through its push."""
+        return id(job) in self._pushing
 
     def settle(self) -> None:
-        """Wait until a job that `remove` missed is marked executing or queued.
+        """Wait until takes and pushes under way have ended.
+
+        After a `remove` that missed, the job is then executing, queued, or
+        skipped by its push.
 
         Call it without holding `cond` or the scheduler's lock.
         """

@@ -375,6 +375,24 @@ def test_insert_rejects_hand_built_priority() -> None:
         assert instance.jobs() == []
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"state": JobState.COMPLETED}, {"cancel_requested": True}],
+    ids=["completed", "cancel-requested"],
+)
+def test_insert_rejects_hand_built_outcome(fields: dict[str, Any]) -> None:
+    # A push skips a job that is not available or whose cancel was
+    # requested, so such a job would stay queued for ever. insert() rejects
+    # it, naming the field, and enqueues nothing.
+    with running(queues={"default": 1}) as instance:
+        job = Job(worker=worker_path(EchoWorker), args={}, **fields)
+        name = next(iter(fields))
+        with pytest.raises(InvalidOption, match=name):
+            instance.insert(job)
+        assert instance.jobs() == []
+        assert job.id is None
+
+
 @pytest.mark.parametrize("seconds", [math.nan, math.inf])
 def test_advance_rejects_non_finite_seconds(seconds: float) -> None:
     """Expected: ValueError and the clock unchanged; before the fix: the clock moves to nan/inf and now() fails from then on."""
