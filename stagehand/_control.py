@@ -253,6 +253,8 @@ class Control:
                 if not state.is_final and self._live.get(job.id) is not job:  # type: ignore[arg-type]
                     # Drained, or its insert failed, while this call waited
                     # for the locks: no longer this instance's to cancel.
+                    # An earlier round may have set the flag below.
+                    job.cancel_requested = False
                     return job
                 if state is JobState.AVAILABLE and self.testing == "disabled":
                     # Inserts push without the queue's lock. A push that
@@ -280,6 +282,9 @@ class Control:
                         self._scheduler.forget_job(job)
                     job.completed_at = self.clock.now()
                     self._finish(job, JobState.CANCELLED)
+                    # The flag is for executing jobs. Now that the job is
+                    # final, a push skips it by its state.
+                    job.cancel_requested = False
             if not taken:
                 break
             # A worker thread may have claimed the job a moment ago. Once it

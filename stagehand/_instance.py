@@ -519,6 +519,8 @@ class Stagehand(Control):
             job.id = None
             job.inserted_at = None
             job.state = JobState.AVAILABLE
+            # cancel_job may have set it while the push was under way.
+            job.cancel_requested = False
             job._instance = None
         return undone
 

@@ -504,6 +504,8 @@ def test_push_after_cancel_decides_skips_job(cleanup: list[Any]) -> None:
     assert outcome == [job]
     assert cancelled == [job]
     assert job.state is JobState.CANCELLED
+    # The flag that made the push skip it is for executing jobs only.
+    assert job.cancel_requested is False
     assert queue.available == 0
     with watching() as watcher:
         after = instance.insert(CountingWorker.new({"n": 2}))
