@@ -49,12 +49,14 @@ def _is_worker_thread() -> bool:
     return threading.current_thread().name.startswith("stagehand-")
 
 
-class HeldPending(dict):  # type: ignore[type-arg]
-    """A `_pending` table whose first store by `thread` waits at the gate.
+class HeldTable(dict):  # type: ignore[type-arg]
+    """A `_pending` or `_pushing` table whose first store by `thread` waits.
 
-    With ``after=False`` the push has set the job's key but not stored the
-    job. With ``after=True`` the job is stored, but its key is not yet on
-    the heap.
+    As `_pending`: with ``after=False`` the push has set the job's key but
+    not stored the job, and with ``after=True`` the job is stored but its
+    key is not yet on the heap. As `_pushing`: with ``after=False`` the push
+    is not listed yet, and with ``after=True`` it is listed but has not
+    queued the job or read `_closed`.
     """
 
     def __init__(self, *, after: bool) -> None:
@@ -70,30 +72,6 @@ class HeldPending(dict):  # type: ignore[type-arg]
         if must_wait and not self.after:
             self.gate.hold()
         super().__setitem__(key, value)
-        if must_wait and self.after:
-            self.gate.hold()
-
-
-class HeldPushing(dict):  # type: ignore[type-arg]
-    """A `_pushing` table whose first store by `thread` waits at the gate.
-
-    With ``after=False`` the push is not listed yet. With ``after=True`` it
-    is listed but has not queued the job or read `_closed`.
-    """
-
-    def __init__(self, *, after: bool) -> None:
-        super().__init__()
-        self.after = after
-        self.thread: int | None = None
-        self.gate = Gate()
-
-    def __setitem__(self, token: Any, owner: Any) -> None:
-        must_wait = (
-            threading.get_ident() == self.thread and not self.gate.entered.is_set()
-        )
-        if must_wait and not self.after:
-            self.gate.hold()
-        super().__setitem__(token, owner)
         if must_wait and self.after:
             self.gate.hold()
 
@@ -288,7 +266,7 @@ def test_stop_waits_for_push_under_way(
     # ShuttingDown and changes nothing, and no job is counted as lost.
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
-    pending = HeldPending(after=False)
+    pending = HeldTable(after=False)
     queue._pending = pending
     _started(cleanup, instance)
     job = CountingWorker.new({"n": 1})
@@ -326,7 +304,7 @@ def test_push_racing_close_changes_nothing(
     # insert raises ShuttingDown and changes nothing.
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
-    pushing = HeldPushing(after=listed)
+    pushing = HeldTable(after=listed)
     queue._pushing = pushing
     _started(cleanup, instance)
     job = CountingWorker.new({"n": 1})
@@ -366,7 +344,7 @@ def test_cancel_waits_for_push_under_way(cleanup: list[Any]) -> None:
         "lockfree", queues={"default": {"limit": 1, "paused": True}}
     )
     queue = instance._queues["default"]
-    pending = HeldPending(after=False)
+    pending = HeldTable(after=False)
     queue._pending = pending
     _started(cleanup, instance)
     job = CountingWorker.new({"n": 1})
@@ -400,7 +378,7 @@ def test_cancel_between_store_and_heap(cleanup: list[Any]) -> None:
     # thread it wakes for it, must skip the cancelled job.
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
-    pending = HeldPending(after=True)
+    pending = HeldTable(after=True)
     queue._pending = pending
     _started(cleanup, instance)
     job = CountingWorker.new({"n": 1})
@@ -429,7 +407,7 @@ def test_cancel_retry_before_push_runs_once(cleanup: list[Any]) -> None:
         "lockfree", queues={"default": {"limit": 1, "paused": True}}
     )
     queue = instance._queues["default"]
-    pushing = HeldPushing(after=False)
+    pushing = HeldTable(after=False)
     queue._pushing = pushing
     _started(cleanup, instance)
     job = CountingWorker.new({"n": 1})
@@ -481,7 +459,7 @@ def test_push_after_cancel_decides_skips_job(cleanup: list[Any]) -> None:
     # cancelled.
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
-    pushing = HeldPushing(after=False)
+    pushing = HeldTable(after=False)
     queue._pushing = pushing
     retention = HeldRetention(instance._retained)
     instance._retained = retention  # type: ignore[assignment]
@@ -523,9 +501,9 @@ def test_drain_during_push_runs_or_returns(cleanup: list[Any], step: str) -> Non
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
     job = CountingWorker.new({"n": 1})
-    holder: HeldPending | HeldSleepers
+    holder: HeldTable | HeldSleepers
     if step == "stored":
-        holder = queue._pending = HeldPending(after=True)
+        holder = queue._pending = HeldTable(after=True)
     else:
         holder = queue._sleepers = HeldSleepers("look")
     _started(cleanup, instance)
