@@ -253,24 +253,18 @@ class Control:
                 if not state.is_final and self._live.get(job.id) is not job:  # type: ignore[arg-type]
                     # Drained, or its insert failed, while this call waited
                     # for the locks: no longer this instance's to cancel.
-                    # An earlier round may have set the flag below.
-                    job.cancel_requested = False
                     return job
-                if state is JobState.AVAILABLE and self.testing == "disabled":
-                    # Inserts push without the queue's lock. A push that
-                    # begins after this store skips the job. One under way
-                    # is found below, since it is listed before it stores the
-                    # job and unlisted after.
-                    job.cancel_requested = True
-                    pushing = queue.pushing(job)
-                    if not queue.remove(job):
-                        # Not in the queue: its push is under way, or a
-                        # worker thread is claiming it (wait for either and
-                        # look again), or a thread has claimed it (its state
-                        # shows it once no take is in progress), or its push
-                        # has not begun (and will skip it).
-                        taken = pushing or queue.taking()
-                        state = job.state
+                if (
+                    state is JobState.AVAILABLE
+                    and self.testing == "disabled"
+                    and not queue.remove(job)
+                ):
+                    # Not in the queue. A worker thread is claiming it, or its
+                    # insert is taking it back from a closing queue: wait for
+                    # either and look again. Or a thread has claimed it, and
+                    # its state shows it once no take is in progress.
+                    taken = queue.taking() or queue.pushing(job)
+                    state = job.state
                 if not taken:
                     taken = False
                     if state is JobState.EXECUTING:
@@ -282,9 +276,6 @@ class Control:
                         self._scheduler.forget_job(job)
                     job.completed_at = self.clock.now()
                     self._finish(job, JobState.CANCELLED)
-                    # The flag is for executing jobs. Now that the job is
-                    # final, a push skips it by its state.
-                    job.cancel_requested = False
             if not taken:
                 break
             # A worker thread may have claimed the job a moment ago. Once it

@@ -435,8 +435,8 @@ class Stagehand(Control):
                 "Worker.new(...) for each insert"
             )
         if job.state is not JobState.AVAILABLE or job.cancel_requested:
-            # Only a hand-built Job(...) can start out like this, and its
-            # push would skip it, leaving it queued for ever.
+            # Only a hand-built Job(...) can start out like this, and it
+            # would run as if a cancel had been requested or it had run.
             raise InvalidOption(
                 f"a new job must have state='available' and "
                 f"cancel_requested=False; got state={job.state.value!r}, "
@@ -484,14 +484,15 @@ class Stagehand(Control):
             # Marked scheduled before it becomes live, so the insert cannot
             # overwrite what a cancel_job that finds it does.
             job.state = JobState.SCHEDULED
-        self._live[job.id] = job  # type: ignore[index]
         try:
             if delay > 0:
+                self._live[job.id] = job  # type: ignore[index]
                 self._scheduler.add_job(  # type: ignore[union-attr]
                     job, self.clock.monotonic() + delay, new=True
                 )
             else:
-                self._queues[job.queue].push(job)
+                # The push makes the job live once it is queued.
+                self._queues[job.queue].push(job, self._live)
         except ShuttingDown:
             # stop() finished between validate() and here. A job that
             # cancel_job took meanwhile stays as it is: cancelled.
@@ -503,25 +504,27 @@ class Stagehand(Control):
     def _unstamp(self, jobs: list[Job]) -> list[Job]:
         # Undoes the stamp of jobs whose insert failed, and returns them.
         # Skips jobs another thread has acted on since: cancelled, queued by
-        # retry_job, or held by the scheduler.
-        undone = [
-            job
-            for job in jobs
-            if job.state in _UNSTAMPABLE
-            and not job._queue_seq
-            and job._schedule_seq == 0
-        ]
-        for job in undone:
-            self._live.pop(job.id, None)  # type: ignore[arg-type]
-            if job.schedule_in is not None or job.scheduled_at is job.inserted_at:
-                # _stamp set it; an explicit scheduled_at stays.
-                job.scheduled_at = None
-            job.id = None
-            job.inserted_at = None
-            job.state = JobState.AVAILABLE
-            # cancel_job may have set it while the push was under way.
-            job.cancel_requested = False
-            job._instance = None
+        # retry_job, or held by the scheduler. Each check and undo holds the
+        # locks that cancel_job and retry_job hold, so neither acts on a job
+        # between the two.
+        undone = []
+        for job in jobs:
+            with self._locks_for(job):
+                if (
+                    job.state not in _UNSTAMPABLE
+                    or job._queue_seq
+                    or job._schedule_seq != 0
+                ):
+                    continue
+                self._live.pop(job.id, None)  # type: ignore[arg-type]
+                if job.schedule_in is not None or job.scheduled_at is job.inserted_at:
+                    # _stamp set it; an explicit scheduled_at stays.
+                    job.scheduled_at = None
+                job.id = None
+                job.inserted_at = None
+                job.state = JobState.AVAILABLE
+                job._instance = None
+            undone.append(job)
         return undone
 
     def _enqueue_batch(self, batch: list[Job]) -> list[Job]:

@@ -8,14 +8,15 @@ its job by popping the key from `_pending`, so of several threads (a worker,
 lock on this path, eight threads on two cores formed a lock convoy in which
 every job cost two context switches (docs/performance.md has the figures).
 
-An insert pushes without a lock too: it stores the job in `_pending`, then
-pushes the key, so a thread that pops the key finds the job. Takes and
-pushes list themselves while under way (`_taking`, `_pushing`), and
-`close`, `pause` and `cancel_job` wait for those that began before them
-(`_settle`). A push looks at `closed` after it has queued the job, and
-takes the job back if the queue closed meanwhile, so an insert either
-raises `ShuttingDown` or leaves a job that `stop()` counts. With a lock
-here, four inserting threads convoyed on it as the takes did.
+An insert pushes without a lock too. It stores the job in `_pending`
+before it makes the job live, so a job that `cancel_job` or `drain_queue`
+can see is always in `_pending` or claimed by a thread. Then it pushes the
+key. Takes and pushes list themselves while under way (`_taking`,
+`_pushing`), and `close`, `pause` and `cancel_job` wait for those that
+began before them (`_settle`). A push looks at `closed` before and after it
+queues the job, and takes the job back if the queue closed meanwhile, so an
+insert either raises `ShuttingDown` or leaves a job that `stop()` counts.
+With a lock here, four inserting threads convoyed on it as the takes did.
 
 Retries, scheduled jobs coming due, threads going to sleep, pause, resume,
 scale and close still take the condition `cond`.
@@ -201,11 +202,15 @@ class Queue:
 
     # Jobs in and out
 
-    def _push_unlocked(self, job: Job) -> None:
-        """Add one just-inserted job to the heap and wake one idle thread.
+    def _push_unlocked(self, job: Job, live: dict[str, Job]) -> None:
+        """Queue one just-stamped job, make it live, and wake one idle thread.
+
+        Args:
+            live: The instance's table of live jobs, which gets the job once
+                it is in `_pending`.
 
         Raises:
-            ShuttingDown: The queue was closed by `stop()`.
+            ShuttingDown: The queue was closed by `stop()`; nothing changed.
         """
         # Every insert comes here, so _push_key and _key are written out.
         # While listed in `_pushing`, the push calls no Python code and raises
@@ -213,39 +218,37 @@ class Queue:
         # pop may raise, comes after.
         token = id(job)
         pushing = self._pushing
-        key = 0
+        closed = True
         wake = False
         try:
             pushing[token] = get_ident()
-            # Skipped if cancel_job has cancelled it since it was stamped, or
-            # has begun to (see cancel_job), or retry_job queued it again.
-            if (
-                job.state is _AVAILABLE
-                and not job._queue_seq
-                and not job.cancel_requested
-            ):
+            if not self._closed:
                 key = job._sequence
                 priority = job.priority
                 if priority:
                     key |= priority << _PRIORITY_SHIFT
                 job._queue_seq = key
-                # Pending first: a thread that pops the entry must find the job.
+                # No other thread can reach the job before it is live, and from
+                # then on cancel_job and drain_queue find it in `_pending`.
+                # A thread that pops the key finds the job there too.
                 self._pending[key] = job
+                live[job.id] = job  # type: ignore[index]
                 heappush(self._heap, key)
-            closed = self._closed
-            if closed and key and self._pending.pop(key, None) is job:
-                # stop() closed the queue during the push. The job goes back,
-                # unrun and uncounted, and the insert raises.
-                job._queue_seq = 0
-            elif closed and key:
-                # A thread whose take began before the close got the job, and
-                # runs it, so the insert succeeds.
-                closed = False
-            elif key:
-                # After the heappush: a thread going to sleep lists itself,
-                # then looks at the heap, so at least one of the two finds
-                # the other.
-                wake = bool(self._sleepers) and not self.paused
+                closed = self._closed
+                if not closed:
+                    # After the heappush: a thread going to sleep lists
+                    # itself, then looks at the heap, so at least one of the
+                    # two finds the other.
+                    wake = bool(self._sleepers) and not self.paused
+                elif self._pending.pop(key, None) is job:
+                    # stop() closed the queue during the push. The job goes
+                    # back, unrun and uncounted, and the insert raises.
+                    live.pop(job.id, None)
+                    job._queue_seq = 0
+                else:
+                    # cancel_job, drain_queue, or a thread whose take began
+                    # before the close got the job: the insert succeeds.
+                    closed = False
         finally:
             pushing.pop(token, None)
         if closed:
@@ -253,9 +256,9 @@ class Queue:
         if wake:
             self._wake_one()
 
-    def _push_with_lock(self, job: Job) -> None:
+    def _push_with_lock(self, job: Job, live: dict[str, Job]) -> None:
         with self.cond:
-            self._push_unlocked(job)
+            self._push_unlocked(job, live)
 
     # Free-threaded builds run a push in parallel with other pushes and takes.
     push = _push_unlocked if _GIL_ENABLED else _push_with_lock
@@ -338,14 +341,14 @@ class Queue:
         return bool(self._taking)
 
     def pushing(self, job: Job) -> bool:
-        """True while an insert of `job` is part way through its push."""
+        """True while the insert of `job` is part way through its push."""
         return id(job) in self._pushing
 
     def settle(self) -> None:
         """Wait until takes and pushes under way have ended.
 
-        After a `remove` that missed, the job is then executing, queued, or
-        skipped by its push.
+        After a `remove` that missed, the job is then executing, or its
+        failed insert has taken it back.
 
         Call it without holding `cond` or the scheduler's lock.
         """

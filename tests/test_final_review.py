@@ -15,8 +15,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support import HANG_GUARD, Gate, new_instance, unique_name, wait_until, watching
-from workers import BlockingWorker, CountingWorker, EchoWorker
+from support import (
+    HANG_GUARD,
+    Gate,
+    HeldLive,
+    new_instance,
+    run_in_thread,
+    unique_name,
+    wait_until,
+    watching,
+)
+from workers import BlockingWorker, CountingWorker, EchoWorker, runs_of
 
 import stagehand
 from stagehand import JobState
@@ -322,49 +331,46 @@ def test_matches_at_the_calendar_ends(zone: str, instant: datetime) -> None:
 
 
 def test_rejected_insert_keeps_cancelled_job(
-    cleanup: list[Any],
+    cleanup: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # insert() makes the job live before it pushes it, so cancel_job() can
-    # cancel it in between. When stop() then closes the queue, the failed
-    # push must leave the cancelled job cancelled, not turn it back into an
-    # unstamped available job that jobs() lists but nothing runs.
+    # The push makes the job live once it is in the queue's table, so
+    # cancel_job() can cancel it before the push has put its key on the
+    # heap. When stop() then closes the queue, the push must leave the
+    # cancelled job cancelled, not take it back and unstamp it, and the
+    # insert returns it.
     instance = new_instance("final-review", queues={"default": 1})
+    live = HeldLive()
+    instance._live = live
     instance.start()
     cleanup.append(instance.stop)
+    cleanup.append(live.gate.release.set)
     queue = instance._queues["default"]
-    push = queue.push
-    push_gate = Gate()
-
-    def gated_push(job: stagehand.Job) -> None:
-        push_gate.hold()
-        push(job)
-
-    queue.push = gated_push  # type: ignore[method-assign]
-    cleanup.append(push_gate.release.set)
     job = CountingWorker.new({"n": 1})
-    errors: list[BaseException] = []
 
-    def insert() -> None:
-        try:
-            instance.insert(job)
-        except stagehand.ShuttingDown as error:
-            errors.append(error)
+    def insert() -> stagehand.Job:
+        live.thread = threading.get_ident()
+        return instance.insert(job)
 
-    inserter = threading.Thread(target=insert)
-    inserter.start()
-    cleanup.append(lambda: inserter.join(HANG_GUARD))
-    assert push_gate.entered.wait(HANG_GUARD)
+    inserter, outcome = run_in_thread(cleanup, insert)
+    assert live.gate.entered.wait(HANG_GUARD)
     instance.cancel_job(job.id)  # type: ignore[arg-type]
     assert job.state is JobState.CANCELLED
-    instance.stop()
-    push_gate.release.set()
-    inserter.join(HANG_GUARD)
+    with caplog.at_level(logging.WARNING, logger="stagehand"):
+        stopper, _ = run_in_thread(cleanup, instance.stop)
+        wait_until(lambda: queue._closed)
+        live.gate.release.set()
+        inserter.join(HANG_GUARD)
+        stopper.join(HANG_GUARD)
 
+    assert outcome == [job]
     listed = [(listed.id, listed.state.value) for listed in instance.jobs()]
     assert job.state is JobState.CANCELLED, (
         f"the cancelled job became {job.state.value} with id {job.id}; "
         f"jobs() lists {listed}"
     )
+    assert job.id is not None
+    assert runs_of(1) == 0
+    assert not [r for r in caplog.records if "available" in r.getMessage()]
 
 
 def test_next_after_gap_of_fractional_minutes() -> None:
