@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from threading import get_ident
 from typing import Any, Self, TypeVar
 
 from stagehand import _registry
@@ -430,13 +431,10 @@ class Stagehand(Control):
                 "inserting jobs"
             )
         if job.id is not None:
-            raise InvalidOption(
-                f"job {job.id} was already inserted; build a new job with "
-                "Worker.new(...) for each insert"
-            )
+            raise _inserted_twice(job)
         if job.state is not JobState.AVAILABLE or job.cancel_requested:
-            # Only a hand-built Job(...) can start out like this, and it
-            # would run as if a cancel had been requested or it had run.
+            # Only a hand-built Job(...) starts out like this. It would run
+            # with a state or a cancel request that it never had.
             raise InvalidOption(
                 f"a new job must have state='available' and "
                 f"cancel_requested=False; got state={job.state.value!r}, "
@@ -460,20 +458,32 @@ class Stagehand(Control):
 
     def _stamp(self, job: Job, now: Any) -> float:
         # Returns the delay in seconds before the job is due.
-        if job.schedule_in is not None:
-            delay = job.schedule_in
-            scheduled_at = _due_at(now, delay)
-        elif job.scheduled_at is not None:
-            scheduled_at = job.scheduled_at
-            delay = float((scheduled_at - now).total_seconds())
-        else:
-            scheduled_at = now
-            delay = 0.0
-        job.id = new_job_id()
-        job._sequence = next(_insert_sequence)
-        job.inserted_at = now
-        job._instance = self
-        job.scheduled_at = scheduled_at
+        # Two threads may insert the same Job object at once, and both pass
+        # validate() before either sets the id. setdefault() is one step
+        # under the GIL, so exactly one of them claims the job here.
+        token = id(job)
+        me = get_ident()
+        if _stamping.setdefault(token, me) != me:
+            raise _inserted_twice(job)
+        try:
+            if job.id is not None:
+                raise _inserted_twice(job)
+            if job.schedule_in is not None:
+                delay = job.schedule_in
+                scheduled_at = _due_at(now, delay)
+            elif job.scheduled_at is not None:
+                scheduled_at = job.scheduled_at
+                delay = float((scheduled_at - now).total_seconds())
+            else:
+                scheduled_at = now
+                delay = 0.0
+            job.id = new_job_id()
+            job._sequence = next(_insert_sequence)
+            job.inserted_at = now
+            job._instance = self
+            job.scheduled_at = scheduled_at
+        finally:
+            del _stamping[token]
         return delay
 
     def _enqueue(self, job: Job) -> Job:
@@ -533,10 +543,14 @@ class Stagehand(Control):
         by_queue: dict[str, list[Job]] = {}
         scheduled: list[tuple[float, Job]] = []
         live = self._live
+        delays: list[float] = []
         try:
-            delays = [self._stamp(job, now) for job in batch]
+            for job in batch:
+                delays.append(self._stamp(job, now))
         except InvalidOption:
-            self._unstamp(batch)
+            # Only the jobs this call stamped: the one that raised may belong
+            # to another thread's insert.
+            self._unstamp(batch[: len(delays)])
             raise
         for job, delay in zip(batch, delays, strict=True):
             if delay > 0:
@@ -633,6 +647,14 @@ class Stagehand(Control):
         self._live.pop(job.id, None)  # type: ignore[arg-type]
 
 
+def _inserted_twice(job: Job) -> InvalidOption:
+    return InvalidOption(
+        f"job {job.id or 'for ' + job.worker} was already inserted, or is being "
+        "inserted by another thread; build a new job with Worker.new(...) for "
+        "each insert"
+    )
+
+
 def _due_at(now: datetime, delay: float) -> datetime:
     try:
         return now + timedelta(seconds=delay)
@@ -644,4 +666,6 @@ def _due_at(now: datetime, delay: float) -> datetime:
 
 
 _insert_sequence = itertools.count(1)
+# id() of each Job object being stamped, mapped to the stamping thread.
+_stamping: dict[int, int] = {}
 _UNSTAMPABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
