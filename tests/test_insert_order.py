@@ -204,7 +204,10 @@ def test_batch_cancel_before_push_skipped(cleanup: list[Any]) -> None:
     # it at once, and push_many then skips it. The second is cancelled and
     # retried in the window, so retry_job queues it and push_many skips it
     # as well: it runs once. The third runs once as usual.
-    instance = new_instance("insertorder", queues={"default": 2})
+    # Paused, so that the retried job waits until the checks have read it.
+    instance = new_instance(
+        "insertorder", queues={"default": {"limit": 2, "paused": True}}
+    )
     queue = instance._queues["default"]
     _started(cleanup, instance)
     jobs = [CountingWorker.new({"n": n}) for n in (1, 2, 3)]
@@ -218,6 +221,7 @@ def test_batch_cancel_before_push_skipped(cleanup: list[Any]) -> None:
         assert instance.retry_job(second.id).state is JobState.AVAILABLE  # type: ignore[arg-type]
         gate.release.set()
         thread.join(PROMPT)
+        instance.resume_queue("default")
         watcher.wait_final(second, third, timeout=PROMPT)
     _idle(queue)
     assert outcome == [jobs]
