@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -184,3 +186,42 @@ def run_in_thread(
     thread.start()
     cleanup.append(lambda: thread.join(HANG_GUARD))
     return thread, outcome
+
+
+class HeldTable(dict):  # type: ignore[type-arg]
+    """A table (`_pending`, `_pushing`) whose first store by `thread` waits.
+
+    With ``after=False`` the thread waits before the store, and with
+    ``after=True`` just after it.
+    """
+
+    def __init__(self, *, after: bool) -> None:
+        super().__init__()
+        self.after = after
+        self.thread: int | None = None
+        self.gate = Gate()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        must_wait = (
+            threading.get_ident() == self.thread and not self.gate.entered.is_set()
+        )
+        if must_wait and not self.after:
+            self.gate.hold()
+        super().__setitem__(key, value)
+        if must_wait and self.after:
+            self.gate.hold()
+
+
+_LOST_WARNING = re.compile(r"stopped with (\d+) available and (\d+) scheduled")
+
+
+def lost_jobs(records: list[logging.LogRecord], name: str) -> tuple[int, int]:
+    """Return the (available, scheduled) jobs that stop() of `name` logged lost."""
+    found = [
+        _LOST_WARNING.search(record.getMessage())
+        for record in records
+        if repr(name) in record.getMessage()
+    ]
+    counts = [(int(match.group(1)), int(match.group(2))) for match in found if match]
+    assert len(counts) <= 1, counts
+    return counts[0] if counts else (0, 0)

@@ -9,7 +9,6 @@ there. Another thread then acts on the job.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import Any
 
@@ -18,6 +17,7 @@ from support import (
     HANG_GUARD,
     Gate,
     HeldLive,
+    lost_jobs,
     new_instance,
     run_in_thread,
     wait_until,
@@ -32,8 +32,6 @@ from stagehand.exceptions import ShuttingDown
 pytestmark = pytest.mark.usefixtures("clear_counts")
 
 PROMPT = 10.0
-
-LOST_WARNING = re.compile(r"stopped with (\d+) available and (\d+) scheduled")
 
 
 class HeldClock:
@@ -64,18 +62,6 @@ class UniqueCountingWorker(CountingWorker):
 def _started(cleanup: list[Any], instance: stagehand.Stagehand) -> None:
     instance.start()
     cleanup.append(instance.stop)
-
-
-def _lost(caplog: pytest.LogCaptureFixture, name: str) -> tuple[int, int]:
-    """Return (available, scheduled) that stop() of instance `name` logged lost."""
-    found = [
-        LOST_WARNING.search(record.getMessage())
-        for record in caplog.records
-        if repr(name) in record.getMessage()
-    ]
-    counts = [(int(m.group(1)), int(m.group(2))) for m in found if m]
-    assert len(counts) <= 1, counts
-    return counts[0] if counts else (0, 0)
 
 
 def _idle(queue: Any) -> None:
@@ -290,7 +276,7 @@ def test_unique_withdrawn_push_forgotten(
     assert job._queue_seq == 0
     assert len(instance._unique) == 0
     assert dict(live) == {}
-    assert _lost(caplog, instance.name) == (0, 0)
+    assert lost_jobs(caplog.records, instance.name) == (0, 0)
     assert runs_of(1) == 0
 
 
@@ -365,7 +351,7 @@ def _stop_during_mixed_inserts(
     assert max(runs.values()) <= 1
     assert all(runs[job.args["n"]] == 0 for job in jobs if job.id is None)
     assert all(job.id is None for part in rejected for job in part)
-    available, scheduled = _lost(caplog, instance.name)
+    available, scheduled = lost_jobs(caplog.records, instance.name)
     counted = sum(runs.values()) + available + scheduled
     assert counted == len(stamped), (runs, available, scheduled)
     assert not instance._queues["default"]._pushing

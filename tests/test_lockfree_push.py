@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import random
-import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,9 @@ import pytest
 from support import (
     HANG_GUARD,
     Gate,
+    HeldTable,
     JobWatcher,
+    lost_jobs,
     new_instance,
     run_in_thread,
     unique_name,
@@ -42,38 +43,9 @@ WATCHED = 0.3
 # Seconds a test waits for a call that would hang if the race were lost.
 HUNG = 1.0
 
-LOST_WARNING = re.compile(r"stopped with (\d+) available and (\d+) scheduled")
-
 
 def _is_worker_thread() -> bool:
     return threading.current_thread().name.startswith("stagehand-")
-
-
-class HeldTable(dict):  # type: ignore[type-arg]
-    """A `_pending` or `_pushing` table whose first store by `thread` waits.
-
-    As `_pending`: with ``after=False`` the push has set the job's key but
-    not stored the job, and with ``after=True`` the job is stored but its
-    key is not yet on the heap. As `_pushing`: with ``after=False`` the push
-    is not listed yet, and with ``after=True`` it is listed but has not
-    queued the job or read `_closed`.
-    """
-
-    def __init__(self, *, after: bool) -> None:
-        super().__init__()
-        self.after = after
-        self.thread: int | None = None
-        self.gate = Gate()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        must_wait = (
-            threading.get_ident() == self.thread and not self.gate.entered.is_set()
-        )
-        if must_wait and not self.after:
-            self.gate.hold()
-        super().__setitem__(key, value)
-        if must_wait and self.after:
-            self.gate.hold()
 
 
 class HeldSleepers(list):  # type: ignore[type-arg]
@@ -142,18 +114,6 @@ def _started(cleanup: list[Any], instance: stagehand.Stagehand, *gates: Gate) ->
     cleanup.append(instance.stop)
     for gate in gates:
         cleanup.append(gate.release.set)
-
-
-def _lost_count(caplog: pytest.LogCaptureFixture, name: str) -> int:
-    """Return the available jobs that stop() of instance `name` logged as lost."""
-    found = [
-        LOST_WARNING.search(record.getMessage())
-        for record in caplog.records
-        if repr(name) in record.getMessage()
-    ]
-    counts = [int(match.group(1)) for match in found if match]
-    assert len(counts) <= 1, counts
-    return counts[0] if counts else 0
 
 
 def _crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -290,7 +250,7 @@ def test_stop_waits_for_push_under_way(
     assert job._queue_seq == 0
     assert queue.available == 0
     assert runs_of(1) == 0
-    assert _lost_count(caplog, instance.name) == 0
+    assert lost_jobs(caplog.records, instance.name)[0] == 0
 
 
 @pytest.mark.parametrize("listed", [False, True], ids=["unlisted", "listed"])
@@ -328,7 +288,7 @@ def test_push_racing_close_changes_nothing(
     assert queue.available == 0
     assert not queue._pushing
     assert runs_of(1) == 0
-    assert _lost_count(caplog, instance.name) == 0
+    assert lost_jobs(caplog.records, instance.name)[0] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -632,7 +592,7 @@ def _stop_while_inserting(
         for job in returned
         if job not in queued
     )
-    assert _lost_count(caplog, instance.name) == len(queued) == queue.available
+    assert lost_jobs(caplog.records, instance.name)[0] == len(queued) == queue.available
     assert not queue._pushing
     assert not queue._taking
 

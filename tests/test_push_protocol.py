@@ -10,7 +10,6 @@ descheduled at that step.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import Any
 
@@ -18,6 +17,8 @@ import pytest
 from support import (
     HANG_GUARD,
     Gate,
+    HeldTable,
+    lost_jobs,
     new_instance,
     run_in_thread,
     wait_until,
@@ -35,32 +36,6 @@ pytestmark = pytest.mark.usefixtures("clear_counts")
 # time a call that must wait is watched before the test lets it go on.
 PROMPT = 10.0
 WATCHED = 0.3
-
-LOST_WARNING = re.compile(r"stopped with (\d+) available and (\d+) scheduled")
-
-
-class HeldTable(dict):  # type: ignore[type-arg]
-    """A `_pending` or `_pushing` table whose first store by `thread` waits.
-
-    With ``after=False`` the thread waits before the store, and with
-    ``after=True`` just after it.
-    """
-
-    def __init__(self, *, after: bool) -> None:
-        super().__init__()
-        self.after = after
-        self.thread: int | None = None
-        self.gate = Gate()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        must_wait = (
-            threading.get_ident() == self.thread and not self.gate.entered.is_set()
-        )
-        if must_wait and not self.after:
-            self.gate.hold()
-        super().__setitem__(key, value)
-        if must_wait and self.after:
-            self.gate.hold()
 
 
 class HeldRetention:
@@ -170,18 +145,6 @@ def _idle(queue: Any) -> None:
 def _reached(gate: Gate, thread: threading.Thread) -> None:
     """Wait until `thread` waits at `gate`, or has ended without reaching it."""
     wait_until(lambda: gate.entered.is_set() or not thread.is_alive())
-
-
-def _lost_count(caplog: pytest.LogCaptureFixture, name: str) -> int:
-    """Return the available jobs that stop() of instance `name` logged as lost."""
-    found = [
-        LOST_WARNING.search(record.getMessage())
-        for record in caplog.records
-        if repr(name) in record.getMessage()
-    ]
-    counts = [int(match.group(1)) for match in found if match]
-    assert len(counts) <= 1, counts
-    return counts[0] if counts else 0
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +301,7 @@ def test_cancel_waits_for_withdrawn_push(
     assert (job.id, job.state, job._queue_seq) == (None, JobState.AVAILABLE, 0)
     assert dict(instance._live) == {}
     assert runs_of(1) == 0
-    assert _lost_count(caplog, instance.name) == 0
+    assert lost_jobs(caplog.records, instance.name)[0] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +354,7 @@ def test_late_push_not_counted_lost(
     assert isinstance(outcome[0], ShuttingDown), outcome
     assert (job.id, job.state, queue.available) == (None, JobState.AVAILABLE, 0)
     assert runs_of(1) == 0
-    assert _lost_count(caplog, instance.name) == 0
+    assert lost_jobs(caplog.records, instance.name)[0] == 0
 
 
 # ---------------------------------------------------------------------------
