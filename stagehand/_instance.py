@@ -577,11 +577,12 @@ class Stagehand(Control):
                 # stop() closed this queue after the check above. The jobs
                 # already queued stay, and stop() counts and logs them.
                 undone = self._unstamp([job for job in batch if job not in pushed])
-                queued = len(batch) - len(undone)
+                kept = len(batch) - len(undone)
                 raise ShuttingDown(
                     f"instance {self.name!r} began stopping during insert_all(); "
-                    f"{queued} of {len(batch)} jobs were queued before that and "
-                    "are counted by stop(), the others were not inserted"
+                    f"{kept} of {len(batch)} jobs were inserted before that (stop() "
+                    "counts those still queued or scheduled), the others were not "
+                    "inserted"
                 ) from None
             pushed.extend(jobs)
         return batch
