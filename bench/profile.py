@@ -1,10 +1,11 @@
 """Profile Stagehand's hot path and print where the time goes.
 
 Run from the repository root: ``python3 -m bench.profile``. With py-spy on
-PATH (``pip install py-spy``), it samples the thread that holds the GIL
-while 8 worker threads run jobs inserted one by one, as in B1, and prints
-each part's share of the samples. Without py-spy it prints the functions
-that take the most time in a cProfile run of the same steps in one thread.
+PATH (``pip install py-spy``), it samples the thread that py-spy reads as
+holding the GIL while 8 worker threads run jobs inserted one by one, as in
+B1, and prints each part's share of the samples. Without py-spy it prints
+the functions that take the most time in a cProfile run of the same steps
+in one thread.
 Nothing here fails on a slow result.
 """
 
@@ -21,8 +22,10 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import stagehand
 from bench.systems.stagehand_runner import NoopWorker
 from bench.track import TRACKER
+from stagehand import JobState
 
 WORKERS = 8
 JOBS = 300_000
@@ -46,8 +49,6 @@ PARTS = (
 
 def run_workload(jobs: int) -> None:
     """Insert ``jobs`` no-op jobs one by one into 8 threads and wait for them."""
-    import stagehand
-
     instance = stagehand.Stagehand(name="profile", queues={"default": WORKERS})
     instance.start()
     TRACKER.reset(jobs)
@@ -115,9 +116,6 @@ def profile_with_py_spy(py_spy: str, jobs: int) -> None:
 def profile_with_cprofile(jobs: int) -> None:
     # cProfile profiles only the thread that enabled it, so the attempts run here
     # through the executor, the way a worker thread runs them.
-    import stagehand
-    from stagehand import JobState
-
     instance = stagehand.Stagehand(name="profile", queues={"default": 1})
     instance.start()
     instance.pause_queue("default")

@@ -577,10 +577,10 @@ class Stagehand(Control):
                 # stop() closed this queue after the check above. The jobs
                 # already queued stay, and stop() counts and logs them.
                 undone = self._unstamp([job for job in batch if job not in pushed])
-                kept = len(batch) - len(undone)
+                inserted_count = len(batch) - len(undone)
                 raise ShuttingDown(
                     f"instance {self.name!r} began stopping during insert_all(); "
-                    f"{kept} of {len(batch)} jobs were inserted before that (stop() "
+                    f"{inserted_count} of {len(batch)} jobs were inserted before that (stop() "
                     "counts those still queued or scheduled), the others were not "
                     "inserted"
                 ) from None

@@ -290,6 +290,9 @@ class Job:
         job.tags = tags
         job.priority = priority
         job.max_attempts = max_attempts
+        job.unique = unique
+
+        # Defaults of a job that has never been inserted.
         job.attempt = 0
         job.state = _AVAILABLE
         job.id = None
@@ -299,10 +302,11 @@ class Job:
         job.completed_at = None
         job._errors = None
         job.result = None
-        job.unique = unique
         job.conflict = False
         job.cancel_requested = False
         job.schedule_in = None
+
+        # Bookkeeping of the instance that runs the job.
         job._worker_class = worker_class
         job._sequence = 0
         job._queue_seq = 0

@@ -97,7 +97,7 @@ class Queue:
         # moment their job is marked executing; see `_settle`.
         self._taking: set[int] = set()
         # id() of each job part way through `push`, mapped to the pushing
-        # thread; see `_settle`.
+        # thread. `_settle` waits for them.
         self._pushing: dict[int, int] = {}
         self._numbers = numbers
         self._runner = runner
@@ -166,8 +166,8 @@ class Queue:
         self.cond.notify_all()
 
     def _wake_one(self) -> bool:
-        # Wakes one idle thread, if any; False if none slept. A push without
-        # the lock may pop the same list, so the pop itself is the test.
+        # Wakes one idle thread and returns False if none slept. A push
+        # without the lock may pop the same list, so the pop itself tests it.
         try:
             wake = self._sleepers.pop()
         except IndexError:
@@ -176,18 +176,15 @@ class Queue:
         return True
 
     def _settle(self) -> None:
-        # Waits until no thread is part way through a take, and until every
-        # push under way when this began has ended. A thread adds itself to
-        # `_taking` before it reads `paused` and `_closed`, and a push reads
-        # `_closed` after it is listed, so once this returns, every later
-        # take or push reads the values set before the call. Pushes that
-        # begin later are not waited for: inserting threads can keep
-        # `_pushing` from ever being empty. Each step is a few bytecodes, so
-        # this yields the GIL a handful of times at most. The caller must
-        # not hold `cond`: a take can free a job whose finalizer inserts,
-        # and free-threaded builds pop under `cond`.
-        # A finalizer or signal handler run inside this thread's own take or
-        # push may call this; it does not wait for itself.
+        # Waits until no take is under way and every push under way at the
+        # call has ended. Takes and pushes list themselves before they read
+        # `paused` and `_closed`, so later ones read the values set before
+        # the call. Later pushes are not waited for, because inserting
+        # threads can keep `_pushing` from ever being empty.
+        # The caller must not hold `cond`: a take can free a job whose
+        # finalizer inserts, and free-threaded builds pop under `cond`. A
+        # finalizer or signal handler run inside this thread's own take or
+        # push may call this, and it does not wait for itself.
         me = threading.get_ident()
         pushing = self._pushing
         # copy() is one C call, so no push can change the dict during it.

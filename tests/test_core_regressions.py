@@ -381,9 +381,9 @@ def test_insert_rejects_hand_built_priority() -> None:
     ids=["completed", "cancel-requested"],
 )
 def test_insert_rejects_hand_built_outcome(fields: dict[str, Any]) -> None:
-    # A push skips a job that is not available or whose cancel was
-    # requested, so such a job would stay queued for ever. insert() rejects
-    # it, naming the field, and enqueues nothing.
+    # A new job that is not available, or whose cancel was requested, would
+    # run with a state or a request it never had. insert() rejects it,
+    # naming the field, and enqueues nothing.
     with running(queues={"default": 1}) as instance:
         job = Job(worker=worker_path(EchoWorker), args={}, **fields)
         name = next(iter(fields))
