@@ -124,16 +124,23 @@ def _crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
 # A thread going to sleep against a push without the lock
 
 
-def test_sleeper_listed_late_finds_push(
-    cleanup: list[Any], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("step", ["before_append", "after_append"])
+def test_sleeper_step_against_push(
+    cleanup: list[Any], caplog: pytest.LogCaptureFixture, step: str
 ) -> None:
-    # The only worker thread has found the heap empty and owns `cond`, but
-    # has not listed itself in `_sleepers`. A whole push runs then, without
-    # the lock, and finds no thread to wake. The thread must look at the heap
-    # again after listing itself and run the job, with no second insert.
+    # The only worker thread has found the heap empty and owns `cond`.
+    # before_append: it has not listed itself in `_sleepers` when a whole
+    # push runs, without the lock, and finds no thread to wake. The thread
+    # must look at the heap again after listing itself and run the job, with
+    # no second insert.
+    # after_append: it has listed its wake lock but not looked at the heap
+    # again when the push takes that lock off the list and releases it. The
+    # thread then fails to take its lock off the list. It must neither
+    # release the lock a second time (RuntimeError) nor sleep for good.
+    # Either way it runs the job and goes back to sleep, listed once.
     instance = new_instance("lockfree", queues={"default": 1})
     queue = instance._queues["default"]
-    sleepers = HeldSleepers("before_append", worker=True)
+    sleepers = HeldSleepers(step, worker=True)
     queue._sleepers = sleepers
     with caplog.at_level(logging.CRITICAL, logger="stagehand"), watching() as watcher:
         _started(cleanup, instance, sleepers.gate)
@@ -143,36 +150,10 @@ def test_sleeper_listed_late_finds_push(
         inserter, outcome = _insert_as(cleanup, instance, job)
         inserter.join(PROMPT)
         assert outcome == [job], "insert() waited for the lock of a sleeping thread"
-        assert job.state is JobState.AVAILABLE
-
-        sleepers.gate.release.set()
-        watcher.wait_final(job, timeout=PROMPT)
-        wait_until(lambda: list.__len__(queue._sleepers) == 1)
-    assert (job.state, runs_of(1)) == (JobState.COMPLETED, 1)
-    assert _crashes(caplog) == []
-
-
-def test_push_wakes_thread_before_second_look(
-    cleanup: list[Any], caplog: pytest.LogCaptureFixture
-) -> None:
-    # The worker thread has listed its wake lock but not looked at the heap
-    # again when a push takes that lock off the list and releases it. The
-    # thread then finds the heap non-empty and fails to take its lock off the
-    # list. It must neither release the lock a second time (RuntimeError) nor
-    # sleep for good: it runs the job and goes back to sleep, listed once.
-    instance = new_instance("lockfree", queues={"default": 1})
-    queue = instance._queues["default"]
-    sleepers = HeldSleepers("after_append", worker=True)
-    queue._sleepers = sleepers
-    with caplog.at_level(logging.CRITICAL, logger="stagehand"), watching() as watcher:
-        _started(cleanup, instance, sleepers.gate)
-        assert sleepers.gate.entered.wait(HANG_GUARD)
-
-        job = CountingWorker.new({"n": 1})
-        inserter, outcome = _insert_as(cleanup, instance, job)
-        inserter.join(PROMPT)
-        assert outcome == [job]
-        assert list.__len__(sleepers) == 0, "the push did not take the wake lock"
+        if step == "before_append":
+            assert job.state is JobState.AVAILABLE
+        else:
+            assert list.__len__(sleepers) == 0, "the push did not take the wake lock"
 
         sleepers.gate.release.set()
         watcher.wait_final(job, timeout=PROMPT)
