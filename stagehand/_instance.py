@@ -642,7 +642,10 @@ class Stagehand(Control):
     def _finish(self, job: Job, state: JobState) -> None:
         # Retained before its final state is set, and that before it leaves
         # the live jobs: a reader that sees the final state finds the job in
-        # retention, and get_job never misses it.
+        # retention, and get_job never misses it. The spent claim list goes
+        # first, while no retry can have begun: a retained job that keeps it
+        # gives the garbage collector one more object to walk.
+        job._claim = None
         self._retained.add(job)
         job.state = state
         self._live.pop(job.id, None)  # type: ignore[arg-type]
