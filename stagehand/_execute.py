@@ -70,6 +70,8 @@ class Executor:
         self._instance = instance
         self._clock = instance.clock
         self._now = instance.clock.now
+        # Reads the time an attempt begins and ends: see Stagehand._time.
+        self._time = instance._time
 
     # Running
 
@@ -97,7 +99,7 @@ class Executor:
                 return True
         attempt = job.attempt + 1
         job.attempt = attempt
-        job.attempted_at = self._now()
+        job._attempted_at = self._time()
         # Kept for `crashed`, which must act only on this thread's attempt.
         _running.claim = claim
         if "job.start" in _handlers:
@@ -136,7 +138,7 @@ class Executor:
             return True
         duration = perf_counter() - started
         if value is None:
-            job.completed_at = self._now()
+            job._completed_at = self._time()
             instance._finish(job, _COMPLETED)
             if "job.stop" in _handlers:
                 self.emit_stop(job, duration)

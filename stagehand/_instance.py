@@ -8,13 +8,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from threading import get_ident
 from typing import Any, Self, TypeVar
 
 from stagehand import _registry
-from stagehand._clock import Clock
+from stagehand._clock import Clock, SystemClock
 from stagehand._config import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_RETENTION_LIMIT,
@@ -109,6 +109,12 @@ class Stagehand(Control):
         self.name = self.settings.name
         self.testing = self.settings.testing
         self.clock = self.settings.clock
+        # Reads the time that inserts and attempts record. On the system
+        # clock that is time.time(), a quarter of the cost of now(), whose
+        # float the job's properties turn into a datetime when read.
+        self._time: Callable[[], datetime | float] = (
+            time.time if type(self.clock) is SystemClock else self.clock.now
+        )
         self.leadership: Leadership = (
             SoloLeadership()
             if self.settings.leader_lock is None
@@ -456,8 +462,9 @@ class Stagehand(Control):
             # A due time past the year 9999 fails here, before any insert.
             _due_at(self.clock.now(), job.schedule_in)
 
-    def _stamp(self, job: Job, now: Any) -> float:
-        # Returns the delay in seconds before the job is due.
+    def _stamp(self, job: Job, now: datetime | float) -> float:
+        # Returns the delay in seconds before the job is due. `now` comes
+        # from self._time(): a datetime, or a float of POSIX seconds.
         # Two threads may insert the same Job object at once, and both pass
         # validate() before either sets the id. setdefault() is one step
         # under the GIL, so exactly one of them claims the job here.
@@ -468,26 +475,27 @@ class Stagehand(Control):
         try:
             if job.id is not None:
                 raise _inserted_twice(job)
+            # None, or the aware datetime that Worker.new or validate() checked.
+            scheduled_at: datetime | float | None = job._scheduled_at
             if job.schedule_in is not None:
                 delay = job.schedule_in
                 scheduled_at = _due_at(now, delay)
-            elif job.scheduled_at is not None:
-                scheduled_at = job.scheduled_at
-                delay = float((scheduled_at - now).total_seconds())
+            elif scheduled_at is not None:
+                delay = _seconds_until(scheduled_at, now)  # type: ignore[arg-type]
             else:
                 scheduled_at = now
                 delay = 0.0
             job.id = new_job_id()
             job._sequence = next(_insert_sequence)
-            job.inserted_at = now
+            job._inserted_at = now
             job._instance = self
-            job.scheduled_at = scheduled_at
+            job._scheduled_at = scheduled_at
         finally:
             del _stamping[token]
         return delay
 
     def _enqueue(self, job: Job) -> Job:
-        delay = self._stamp(job, self.clock.now())
+        delay = self._stamp(job, self._time())
         if self.testing != "disabled":
             return self._enqueue_for_testing(job, delay)
         if delay > 0:
@@ -527,18 +535,18 @@ class Stagehand(Control):
                 ):
                     continue
                 self._live.pop(job.id, None)  # type: ignore[arg-type]
-                if job.schedule_in is not None or job.scheduled_at is job.inserted_at:
+                if job.schedule_in is not None or job._scheduled_at is job._inserted_at:
                     # _stamp set it; an explicit scheduled_at stays.
-                    job.scheduled_at = None
+                    job._scheduled_at = None
                 job.id = None
-                job.inserted_at = None
+                job._inserted_at = None
                 job.state = JobState.AVAILABLE
                 job._instance = None
             undone.append(job)
         return undone
 
     def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
-        now = self.clock.now()
+        now = self._time()
         monotonic = self.clock.monotonic()
         by_queue: dict[str, list[Job]] = {}
         scheduled: list[tuple[float, Job]] = []
@@ -599,7 +607,7 @@ class Stagehand(Control):
         return job
 
     def _stamp_inline(self, job: Job) -> Job:
-        self._stamp(job, self.clock.now())
+        self._stamp(job, self._time())
         return self._stamped_for_inline(job)
 
     def _stamped_for_inline(self, job: Job) -> Job:
@@ -659,7 +667,10 @@ def _inserted_twice(job: Job) -> InvalidOption:
     )
 
 
-def _due_at(now: datetime, delay: float) -> datetime:
+def _due_at(now: datetime | float, delay: float) -> datetime | float:
+    if isinstance(now, float):
+        # validate() checked the delay against the clock's datetime.
+        return now + delay
     try:
         return now + timedelta(seconds=delay)
     except OverflowError:
@@ -667,6 +678,12 @@ def _due_at(now: datetime, delay: float) -> datetime:
             f"schedule_in={delay:,.0f} s from {now.isoformat()} is past the year "
             "9999; schedule the job earlier"
         ) from None
+
+
+def _seconds_until(due: datetime, now: datetime | float) -> float:
+    if isinstance(now, float):
+        return due.timestamp() - now
+    return float((due - now).total_seconds())
 
 
 _insert_sequence = itertools.count(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,25 +35,22 @@ pytestmark = pytest.mark.usefixtures("clear_counts")
 PROMPT = 10.0
 
 
-class HeldClock:
-    """A wrapper of the instance clock whose first now() by `thread` waits.
+class HeldTime:
+    """A wrapper of the instance's time reader whose first call by `thread` waits.
 
-    An insert calls now() once, in `_enqueue`, after validate() and before
-    it stamps the job.
+    An insert reads the time once, in `_enqueue`, after validate() and
+    before it stamps the job.
     """
 
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
         self.thread: int | None = None
         self.gate = Gate()
 
-    def now(self) -> Any:
+    def __call__(self) -> Any:
         if threading.get_ident() == self.thread and not self.gate.entered.is_set():
             self.gate.hold()
-        return self._clock.now()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._clock, name)
+        return self._read()
 
 
 class UniqueCountingWorker(CountingWorker):
@@ -82,23 +80,23 @@ def test_same_job_two_threads_once(cleanup: list[Any]) -> None:
     )
     queue = instance._queues["default"]
     _started(cleanup, instance)
-    clock = HeldClock(instance.clock)
-    instance.clock = clock  # type: ignore[assignment]
-    cleanup.append(clock.gate.release.set)
+    held = HeldTime(instance._time)
+    instance._time = held
+    cleanup.append(held.gate.release.set)
     job = CountingWorker.new({"n": 1})
 
     def insert_as_a() -> Job:
-        clock.thread = threading.get_ident()
+        held.thread = threading.get_ident()
         return instance.insert(job)
 
     inserter, outcome = run_in_thread(cleanup, insert_as_a)
-    assert clock.gate.entered.wait(HANG_GUARD)
+    assert held.gate.entered.wait(HANG_GUARD)
     second: Any
     try:
         second = instance.insert(job)
     except stagehand.InvalidOption as error:
         second = error
-    clock.gate.release.set()
+    held.gate.release.set()
     inserter.join(PROMPT)
     results = [outcome[0], second]
     listed = [seen for seen in instance.jobs() if seen is job]
