@@ -110,10 +110,10 @@ class Stagehand(Control):
         self.testing = self.settings.testing
         self.clock = self.settings.clock
         # Reads the time that inserts and attempts record. On the system
-        # clock that is time.time(), a quarter of the cost of now(), whose
-        # float the job's properties turn into a datetime when read.
-        self._time: Callable[[], datetime | float] = (
-            time.time if type(self.clock) is SystemClock else self.clock.now
+        # clock that is time.time_ns(), a quarter of the cost of now(), whose
+        # int the job's properties turn into a datetime when read.
+        self._time: Callable[[], datetime | int] = (
+            time.time_ns if type(self.clock) is SystemClock else self.clock.now
         )
         self.leadership: Leadership = (
             SoloLeadership()
@@ -462,9 +462,9 @@ class Stagehand(Control):
             # A due time past the year 9999 fails here, before any insert.
             _due_at(self.clock.now(), job.schedule_in)
 
-    def _stamp(self, job: Job, now: datetime | float) -> float:
+    def _stamp(self, job: Job, now: datetime | int) -> float:
         # Returns the delay in seconds before the job is due. `now` comes
-        # from self._time(): a datetime, or a float of POSIX seconds.
+        # from self._time(): a datetime, or an int of ns since the epoch.
         # Two threads may insert the same Job object at once, and both pass
         # validate() before either sets the id. setdefault() is one step
         # under the GIL, so exactly one of them claims the job here.
@@ -476,7 +476,7 @@ class Stagehand(Control):
             if job.id is not None:
                 raise _inserted_twice(job)
             # None, or the aware datetime that Worker.new or validate() checked.
-            scheduled_at: datetime | float | None = job._scheduled_at
+            scheduled_at: datetime | int | None = job._scheduled_at
             if job.schedule_in is not None:
                 delay = job.schedule_in
                 scheduled_at = _due_at(now, delay)
@@ -667,10 +667,10 @@ def _inserted_twice(job: Job) -> InvalidOption:
     )
 
 
-def _due_at(now: datetime | float, delay: float) -> datetime | float:
-    if isinstance(now, float):
+def _due_at(now: datetime | int, delay: float) -> datetime | int:
+    if isinstance(now, int):
         # validate() checked the delay against the clock's datetime.
-        return now + delay
+        return now + round(delay * 1e9)
     try:
         return now + timedelta(seconds=delay)
     except OverflowError:
@@ -680,9 +680,9 @@ def _due_at(now: datetime | float, delay: float) -> datetime | float:
         ) from None
 
 
-def _seconds_until(due: datetime, now: datetime | float) -> float:
-    if isinstance(now, float):
-        return due.timestamp() - now
+def _seconds_until(due: datetime, now: datetime | int) -> float:
+    if isinstance(now, int):
+        return due.timestamp() - now / 1e9
     return float((due - now).total_seconds())
 
 

@@ -1,7 +1,7 @@
 """The four times of a job on the system clock.
 
-On the system clock the engine stores each time as a float of POSIX
-seconds and `Job` turns it into an aware UTC datetime when read, so the
+On the system clock the engine stores each time as nanoseconds since the
+epoch and `Job` turns it into an aware UTC datetime when read, so the
 fields read the same as on any other clock.
 """
 
