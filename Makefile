@@ -16,7 +16,7 @@ test: test-311 test-313
 
 test-311: $(VENV)/.installed
 	@echo "== Python 3.11 + Django 5.2 =="
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -rs
 
 test-313:
 	@scripts/test-python313.sh $(VENV_313) $(TEST_DEPS_313)

@@ -30,4 +30,4 @@ if [[ ! -f "$venv/.installed" || pyproject.toml -nt "$venv/.installed" ]]; then
     "$venv/bin/pip" install -q "$@"
     touch "$venv/.installed"
 fi
-"$venv/bin/python" -m pytest tests -q
+"$venv/bin/python" -m pytest tests -q -rs

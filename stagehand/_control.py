@@ -67,6 +67,10 @@ class Control:
 
     def get_job(self, job_id: str) -> Job | None:
         """Return the live or retained job with this id, or None."""
+        if not isinstance(job_id, str):
+            raise TypeError(
+                f"job_id must be a job's id string, such as job.id; got {job_id!r}"
+            )
         job = self._live.get(job_id)
         if job is None:
             job = self._retained.get(job_id)
@@ -353,7 +357,8 @@ class Control:
         if job is None:
             raise JobNotFound(
                 f"no live or retained job has id {job_id!r}; finished jobs are "
-                f"kept for {self.settings.retention_period:g} s"
+                f"kept for {self.settings.retention_period:g} s, and at most "
+                f"{self.settings.retention_limit:,} of them (retention_limit)"
             )
         return job
 

@@ -364,7 +364,7 @@ class Stagehand(Control):
         if queued or waiting:
             logger.warning(
                 "stagehand instance %r stopped with %d available and %d scheduled "
-                "or retryable jobs; they are lost (no peer to hand them to)",
+                "or retryable jobs; they are lost",
                 self.name,
                 queued,
                 waiting,

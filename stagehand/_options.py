@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stagehand._job import MAX_DELAY, JobState
@@ -145,9 +145,11 @@ def check_scheduled_at(value: object) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidOption(
             f"scheduled_at must be an aware datetime; got the naive {value!r}. "
-            "Add a time zone, for example value.replace(tzinfo=datetime.UTC)."
+            "Build it with a time zone, for example datetime.now(timezone.utc) "
+            "+ timedelta(hours=1), or call value.astimezone() on a local time."
         )
-    return value
+    # Every time on a job reads in UTC, whatever zone the caller used.
+    return value.astimezone(UTC)
 
 
 def normalize_json_dict(value: object, name: str) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def check_job_fields(job: Job) -> None:
     if job.schedule_in is not None:
         job.schedule_in = _options.normalize_schedule_in(job.schedule_in)
     if job.scheduled_at is not None:
-        _options.check_scheduled_at(job.scheduled_at)
+        job.scheduled_at = _options.check_scheduled_at(job.scheduled_at)
 
 
 def worker_path(cls: type) -> str:

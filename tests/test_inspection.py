@@ -179,3 +179,17 @@ def test_insert_all_rejects_repeated_job() -> None:
         job = EchoWorker.new({})
         with pytest.raises(InvalidOption, match=r"jobs\[1\] appears twice"):
             instance.insert_all([job, job])
+
+
+def test_job_not_found_names_limits() -> None:
+    with running(retention_limit=50) as instance:
+        with pytest.raises(JobNotFound) as raised:
+            instance.retry_job("nope")
+    assert "at most 50 of them (retention_limit)" in str(raised.value)
+
+
+@pytest.mark.parametrize("call", ["get_job", "cancel_job", "retry_job"])
+def test_job_id_must_be_string(call: str) -> None:
+    with running() as instance:
+        with pytest.raises(TypeError, match="job_id must be a job's id string"):
+            getattr(instance, call)(5)

@@ -8,11 +8,14 @@ fields read the same as on any other clock.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
+import pytest
 from support import running, watching
 from workers import EchoWorker
 
-from stagehand import FakeClock, JobState
+from stagehand import FakeClock, InvalidOption, Job, JobState
+from stagehand._worker import worker_path
 
 MICROSECOND = timedelta(microseconds=1)
 
@@ -81,3 +84,30 @@ def test_fake_clock_times_are_exact() -> None:
         job = instance.insert(EchoWorker.new({"value": 1}, schedule_in=30))
         assert job.inserted_at == datetime(2026, 1, 1, tzinfo=UTC)
         assert job.scheduled_at == datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+
+
+def test_scheduled_at_in_other_zone_reads_utc() -> None:
+    tokyo = ZoneInfo("Asia/Tokyo")
+    due = datetime.now(tokyo) + timedelta(hours=2)
+    with running(queues={"default": 1}) as instance:
+        job = instance.insert(EchoWorker.new({"value": 1}, scheduled_at=due))
+        assert job.scheduled_at == due
+        assert job.scheduled_at.utcoffset() == timedelta(0)  # type: ignore[union-attr]
+        assert job.to_dict()["scheduled_at"].endswith("+00:00")
+
+
+def test_hand_built_job_scheduled_at_reads_utc() -> None:
+    tokyo = ZoneInfo("Asia/Tokyo")
+    due = datetime.now(tokyo) + timedelta(hours=2)
+    job = Job(worker_path(EchoWorker), {"value": 1}, scheduled_at=due)
+    with running(queues={"default": 1}) as instance:
+        instance.insert(job)
+        assert job.scheduled_at == due
+        assert job.scheduled_at.utcoffset() == timedelta(0)  # type: ignore[union-attr]
+
+
+def test_naive_scheduled_at_names_fix() -> None:
+    with pytest.raises(InvalidOption) as raised:
+        EchoWorker.new({"value": 1}, scheduled_at=datetime(2030, 1, 1))
+    assert "naive" in str(raised.value)
+    assert "datetime.now(timezone.utc)" in str(raised.value)
