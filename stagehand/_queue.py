@@ -104,6 +104,9 @@ class Queue:
         self.limit = limit
         self.paused = paused
         self.stuck = 0
+        # Threads counted in `stuck` rather than `_threads`: their job was
+        # taken from them, and a replacement has their slot.
+        self._released: set[int] = set()
         self._threads = 0
         # The wake locks of idle threads, each held locked by its sleeping
         # thread; releasing one wakes that thread. Cheaper than waiting on
@@ -394,6 +397,7 @@ class Queue:
         with self.cond:
             self._running.pop(thread_id, None)
             self.stuck += 1
+            self._released.add(thread_id)
             self._threads -= 1
             if not self._closed:
                 self._spawn(self.limit - self._threads)
@@ -437,7 +441,12 @@ class Queue:
                         exc_info=True,
                     )
             with self.cond:
-                self._threads -= 1
+                if me in self._released:
+                    # Its slot went to a replacement when its job was taken.
+                    self._released.discard(me)
+                    self.stuck -= 1
+                else:
+                    self._threads -= 1
                 if not self._closed:
                     self._spawn(self.limit - self._threads)
                 self._wake_all()
@@ -479,6 +488,7 @@ class Queue:
             if runner(job, self):
                 with self.cond:
                     self.stuck -= 1
+                    self._released.discard(me)
                 return
             # A job that snoozed for 0 s may already run in another thread,
             # so the entry is keyed by this thread, not by the job.
