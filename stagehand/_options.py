@@ -149,7 +149,13 @@ def check_scheduled_at(value: object) -> datetime:
             "+ timedelta(hours=1), or call value.astimezone() on a local time."
         )
     # Every time on a job reads in UTC, whatever zone the caller used.
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidOption(
+            f"scheduled_at {value.isoformat()} is outside the years 1 to 9999 "
+            "in UTC; pass a time within that range"
+        ) from None
 
 
 def normalize_json_dict(value: object, name: str) -> dict[str, Any]:

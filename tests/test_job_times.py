@@ -111,3 +111,9 @@ def test_naive_scheduled_at_names_fix() -> None:
         EchoWorker.new({"value": 1}, scheduled_at=datetime(2030, 1, 1))
     assert "naive" in str(raised.value)
     assert "datetime.now(timezone.utc)" in str(raised.value)
+
+
+def test_scheduled_at_out_of_range_in_utc() -> None:
+    edge = datetime(1, 1, 1, tzinfo=ZoneInfo("Asia/Tokyo"))
+    with pytest.raises(InvalidOption, match="outside the years 1 to 9999 in UTC"):
+        EchoWorker.new({"value": 1}, scheduled_at=edge)
