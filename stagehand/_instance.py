@@ -324,17 +324,10 @@ class Stagehand(Control):
 
     def _abandon(self, jobs: list[Job]) -> None:
         for job in jobs:
-            claim = job._claim
-            if not claim:
-                # Its attempt is recording its outcome.
-                continue
-            try:
-                if claim[0] not in self._queues[job.queue]._running:
-                    # Run in a caller's thread (inline, or a testing drain),
-                    # which records the outcome itself when the job returns.
-                    continue
-                thread_id = claim.pop()
-            except IndexError:
+            # None when the job runs in a caller's thread (inline, or a
+            # testing drain), which records the outcome itself, or when its
+            # attempt is recording its outcome already.
+            if self._queues[job.queue].take_from_thread(job) is None:
                 continue
             now = self.clock.now()
             job.errors.append(
@@ -346,10 +339,9 @@ class Stagehand(Control):
                 }
             )
             job.completed_at = now
-            self._finish(job, JobState.DISCARDED)
             # The thread still runs the job; it counts as stuck until it
             # returns and finds that it lost the job.
-            self._queues[job.queue].release_stuck_slot(thread_id)
+            self._finish(job, JobState.DISCARDED)
             self._executor.emit_stop(job, 0.0)
             logger.warning(
                 "job %s (%s) abandoned: still executing after the %g s grace period",

@@ -392,16 +392,47 @@ class Queue:
     def release_stuck_slot(self, thread_id: int) -> None:
         """Hand the slot of a thread stuck in a job to a new thread.
 
-        The stuck thread stops counting as executing and as a pool thread.
+        The caller has taken the job's claim from the thread. The stuck
+        thread stops counting as executing and as a pool thread.
         """
         with self.cond:
-            self._running.pop(thread_id, None)
-            self.stuck += 1
-            self._released.add(thread_id)
-            self._threads -= 1
-            if not self._closed:
-                self._spawn(self.limit - self._threads)
-            self._wake_all()
+            self._release_locked(thread_id)
+
+    def take_from_thread(self, job: Job) -> int | None:
+        """Take `job`'s claim from the pool thread running it, and release it.
+
+        Returns:
+            The thread's id, or None when no pool thread of this queue still
+            has the claim: the job runs in a caller's thread, its attempt
+            is recording its outcome, or its thread crashed.
+        """
+        with self.cond:
+            # Under `cond`, so the crash handler of the thread, which also
+            # takes it, either comes first and finds the job or finds the
+            # thread released.
+            claim = job._claim
+            try:
+                thread_id = claim[0]  # type: ignore[index]
+                if self._running.get(thread_id) is not job:
+                    return None
+                # The thread's own _try_claim may win this pop.
+                claim.pop()  # type: ignore[union-attr]
+            except (IndexError, TypeError):
+                return None
+            self._release_locked(thread_id)
+            return thread_id
+
+    def _release_locked(self, thread_id: int) -> None:
+        if self._running.pop(thread_id, None) is None:
+            # The thread crashed first: its crash handler took it off the
+            # count and started a replacement.
+            return
+        self.stuck += 1
+        self._released.add(thread_id)
+        self._threads -= 1
+        if not self._closed:
+            self._spawn(self.limit - self._threads)
+        self._wake_all()
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
@@ -429,7 +460,12 @@ class Queue:
             )
             me = threading.get_ident()
             self._taking.discard(me)
-            job = self._running.pop(me, None)
+            with self.cond:
+                # A thread whose job was taken is released already, and its
+                # job is no longer in `_running`; see take_from_thread.
+                job = self._running.pop(me, None)
+                released = me in self._released
+                self._released.discard(me)
             if job is not None and self._crashed is not None:
                 try:
                     self._crashed(job, error)
@@ -441,9 +477,8 @@ class Queue:
                         exc_info=True,
                     )
             with self.cond:
-                if me in self._released:
+                if released:
                     # Its slot went to a replacement when its job was taken.
-                    self._released.discard(me)
                     self.stuck -= 1
                 else:
                     self._threads -= 1
