@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -504,11 +505,13 @@ def test_finalizer_inside_push_can_stop(cleanup: list[Any]) -> None:
         # Lets a stop() that waits for its own push go on.
         queue._pushing.clear()
     pusher.join(PROMPT)
+    if sys.version_info >= (3, 12) and not (collected and probe["inside_push"]):
+        # NOTE: checked on 3.11 only. Python 3.12 and 3.13 run a collection at
+        # a later check between bytecodes, in whichever thread gets there. On
+        # 3.13 it ran outside the push, or not within the wait, so it skips.
+        pytest.skip("this Python ran no collection inside the push")
     assert collected, "no collection ran"
-    if not probe["inside_push"]:
-        # NOTE: checked on 3.11 only. Python 3.12.1 and 3.13.0 ran this
-        # collection in another thread, outside the push, so there it skips.
-        pytest.skip("this Python ran the collection outside the push")
+    assert probe["inside_push"], "the collection ran outside the push"
     if hung:
         raise PushHung("stop() in a finalizer run inside a push never returned")
     assert outcome == [first]
