@@ -600,9 +600,21 @@ def test_cancel_racing_inserts_never_runs_cancelled(
     # an id, as pushes of later jobs and worker threads' takes go on. A job
     # that cancel_job returned cancelled never runs; every other job runs
     # exactly once. The tests above stop a push at each step for cancel_job.
+    # The 4 threads start out held in blocking jobs, so the first 50 cancels
+    # find their jobs queued whatever the timing; the rest race the threads.
     total = 600
-    instance = new_instance("lockfree", queues={"default": 4})
+    held = 50
+    workers = 4
+    gate = unique_name("lockfree-cancel")
+    _, release = BlockingWorker.gate(gate)
+    cleanup.append(release.set)
+    instance = new_instance("lockfree", queues={"default": workers})
     _started(cleanup, instance)
+    queue = instance._queues["default"]
+    blockers = [BlockingWorker.new({"gate": gate}) for _ in range(workers)]
+    for blocker in blockers:
+        instance.insert(blocker)
+    wait_until(lambda: queue.executing == workers)
     jobs = [CountingWorker.new({"n": n}) for n in range(total)]
     returned: dict[int, JobState] = {}
 
@@ -612,6 +624,8 @@ def test_cancel_racing_inserts_never_runs_cancelled(
 
     def cancel_each() -> None:
         for n, job in enumerate(jobs):
+            if n == held:
+                release.set()
             wait_until(lambda: job.id is not None)  # noqa: B023
             while True:
                 try:
@@ -623,7 +637,7 @@ def test_cancel_racing_inserts_never_runs_cancelled(
 
     with watching() as watcher:
         assert _run_all(cleanup, [insert_each, cancel_each]) == [None, None]
-        watcher.wait_final(*jobs, timeout=PROMPT)
+        watcher.wait_final(*jobs, *blockers, timeout=PROMPT)
     instance.stop()
 
     assert set(returned.values()) <= {
@@ -636,7 +650,7 @@ def test_cancel_racing_inserts_never_runs_cancelled(
             assert (job.state, runs_of(n)) == (JobState.CANCELLED, 0), job
         else:
             assert (job.state, runs_of(n)) == (JobState.COMPLETED, 1), job
-    assert JobState.CANCELLED in returned.values()
+    assert [returned[n] for n in range(held)] == [JobState.CANCELLED] * held
 
 
 def test_drain_racing_inserts_counts_exactly(
