@@ -131,28 +131,42 @@ class _HoldingClock(FakeClock):
         return super().now()
 
 
-def test_crash_before_stop_finishes_job(cleanup: list[Any]) -> None:
+@pytest.mark.parametrize("crash", [True, False], ids=["crash", "return"])
+def test_thread_ends_before_stop_finishes_job(cleanup: list[Any], crash: bool) -> None:
+    # stop() has taken the claim and released the slot, and reads the time.
+    # Then the thread returns from perform, finds the claim gone, and
+    # crashes or returns. The job is discarded once, and the counts end at 0
+    # without ever reading below it.
     clock = _HoldingClock()
-    gate = unique_name("stuck-stop-twice")
+    gate = unique_name("stuck-stop")
     entered, release = BlockingWorker.gate(gate)
     cleanup.append(release.set)
     instance = new_instance(
-        "stuck-stop-twice",
+        "stuck-stop",
         queues={"default": 1},
         shutdown_grace_period=0,
         clock=clock,
     )
     queue = instance._queues["default"]
     threads: list[threading.Thread] = []
-    _crash_when_lost(queue, threads)
+    if crash:
+        _crash_when_lost(queue, threads)
+    else:
+        run = queue._runner
 
-    def let_thread_crash() -> None:
-        # _abandon has taken the claim and reads the time: the thread now
-        # returns from perform, finds the claim gone, and crashes.
+        def runner(job: Job, owner: Any) -> bool:
+            threads.append(threading.current_thread())
+            return run(job, owner)
+
+        queue._runner = runner
+    seen: list[int] = []
+
+    def let_thread_end() -> None:
         release.set()
         threads[0].join(HANG_GUARD)
+        seen.append(queue.stats()["stuck"])
 
-    clock.waits.append(let_thread_crash)
+    clock.waits.append(let_thread_end)
     instance.start()
     cleanup.append(instance.stop)
 
@@ -166,59 +180,11 @@ def test_crash_before_stop_finishes_job(cleanup: list[Any]) -> None:
         stopper, outcome = run_in_thread(cleanup, stop)
         stopper.join(HANG_GUARD)
         assert clock.reached.is_set()
-        stops = [seen for job_id, seen in watcher.stopped if job_id == job.id]
+        stops = [state for job_id, state in watcher.stopped if job_id == job.id]
     assert outcome == [None]
     assert job.state is JobState.DISCARDED
     assert len(job.errors) == 1, job.errors
     assert stops == ["discarded"]
-    stats = queue.stats()
-    assert (stats["stuck"], stats["threads"]) == (0, 0), stats
-
-
-def test_return_before_stop_finishes_job(cleanup: list[Any]) -> None:
-    clock = _HoldingClock()
-    gate = unique_name("stuck-stop-return")
-    entered, release = BlockingWorker.gate(gate)
-    cleanup.append(release.set)
-    instance = new_instance(
-        "stuck-stop-return",
-        queues={"default": 1},
-        shutdown_grace_period=0,
-        clock=clock,
-    )
-    queue = instance._queues["default"]
-    threads: list[threading.Thread] = []
-    run = queue._runner
-
-    def runner(job: Job, owner: Any) -> bool:
-        threads.append(threading.current_thread())
-        return run(job, owner)
-
-    queue._runner = runner
-    seen: list[int] = []
-
-    def let_thread_return() -> None:
-        # _abandon has taken the claim and released the slot, and reads the
-        # time: the thread returns from perform and finds the claim gone.
-        release.set()
-        threads[0].join(HANG_GUARD)
-        seen.append(queue.stats()["stuck"])
-
-    clock.waits.append(let_thread_return)
-    instance.start()
-    cleanup.append(instance.stop)
-
-    def stop() -> None:
-        clock.thread = threading.get_ident()
-        instance.stop()
-
-    job = instance.insert(BlockingWorker.new({"gate": gate}))
-    assert entered.wait(HANG_GUARD)
-    stopper, outcome = run_in_thread(cleanup, stop)
-    stopper.join(HANG_GUARD)
-    assert clock.reached.is_set()
-    assert outcome == [None]
-    assert job.state is JobState.DISCARDED
     assert seen == [0]
     stats = queue.stats()
     assert (stats["stuck"], stats["threads"]) == (0, 0), stats
