@@ -13,19 +13,9 @@ import threading
 from typing import Any
 
 from support import HANG_GUARD, new_instance, unique_name, wait_until, watching
-from workers import BlockingWorker
+from workers import BlockingWorker, TimedBlockingWorker
 
-from stagehand import FakeClock, Job, Worker
-
-
-class TimedBlockingWorker(Worker):
-    """Blocks in a C call until released, under a 5 s timeout."""
-
-    def timeout(self, job: Job) -> float:
-        return 5.0
-
-    def perform(self, job: Job) -> None:
-        BlockingWorker().perform(job)
+from stagehand import FakeClock, Job
 
 
 def _queue_threads(name: str) -> list[threading.Thread]:

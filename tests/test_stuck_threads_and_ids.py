@@ -23,20 +23,10 @@ from support import (
     wait_until,
     watching,
 )
-from workers import BlockingWorker, EchoWorker
+from workers import BlockingWorker, EchoWorker, TimedBlockingWorker
 
-from stagehand import FakeClock, InvalidOption, Job, JobNotFound, JobState, Worker
+from stagehand import FakeClock, InvalidOption, Job, JobNotFound, JobState
 from stagehand._worker import worker_path
-
-
-class TimedBlockingWorker(Worker):
-    """Blocks until released, under a 5 s timeout."""
-
-    def timeout(self, job: Job) -> float:
-        return 5.0
-
-    def perform(self, job: Job) -> None:
-        BlockingWorker().perform(job)
 
 
 def _crash_when_lost(queue: Any, threads: list[threading.Thread]) -> None:

@@ -87,3 +87,13 @@ def runs_of(number: int) -> int:
     """Return how many times the CountingWorker job with args["n"] ran."""
     with COUNT_LOCK:
         return COUNTS.get(number, 0)
+
+
+class TimedBlockingWorker(Worker):
+    """Blocks in a C call like BlockingWorker, under a 5 s timeout."""
+
+    def timeout(self, job: Job) -> float:
+        return 5.0
+
+    def perform(self, job: Job) -> None:
+        BlockingWorker().perform(job)
