@@ -411,13 +411,15 @@ class Queue:
             # takes it, either comes first and finds the job or finds the
             # thread released.
             claim = job._claim
+            if not claim:
+                return None
             try:
-                thread_id = claim[0]  # type: ignore[index]
+                thread_id = claim[0]
                 if self._running.get(thread_id) is not job:
                     return None
                 # The thread's own _try_claim may win this pop.
-                claim.pop()  # type: ignore[union-attr]
-            except (IndexError, TypeError):
+                claim.pop()
+            except IndexError:
                 return None
             self._release_locked(thread_id)
             return thread_id
