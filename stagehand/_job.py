@@ -144,8 +144,8 @@ class Job:
 
     Times are aware UTC datetimes. On the system clock the job stores them
     as nanoseconds since the epoch and builds the datetime on each read,
-    which saves work on every insert and attempt. `errors` holds one dict
-    per failed attempt, with the keys ``attempt``, ``at`` (ISO 8601) and
+    which saves work on every insert and attempt. `errors` contains one
+    dict per failed attempt, with the keys ``attempt``, ``at`` (ISO 8601) and
     ``error`` (the formatted traceback or the `Error` reason).
 
     A plain class with slots rather than a dataclass: `meta` and `errors`

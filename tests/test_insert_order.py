@@ -80,23 +80,23 @@ def test_same_job_two_threads_once(cleanup: list[Any]) -> None:
     )
     queue = instance._queues["default"]
     _started(cleanup, instance)
-    held = HeldTime(instance._time)
-    instance._time = held
-    cleanup.append(held.gate.release.set)
+    gated_time = HeldTime(instance._time)
+    instance._time = gated_time
+    cleanup.append(gated_time.gate.release.set)
     job = CountingWorker.new({"n": 1})
 
     def insert_as_a() -> Job:
-        held.thread = threading.get_ident()
+        gated_time.thread = threading.get_ident()
         return instance.insert(job)
 
     inserter, outcome = run_in_thread(cleanup, insert_as_a)
-    assert held.gate.entered.wait(HANG_GUARD)
+    assert gated_time.gate.entered.wait(HANG_GUARD)
     second: Any
     try:
         second = instance.insert(job)
     except stagehand.InvalidOption as error:
         second = error
-    held.gate.release.set()
+    gated_time.gate.release.set()
     inserter.join(PROMPT)
     results = [outcome[0], second]
     listed = [seen for seen in instance.jobs() if seen is job]

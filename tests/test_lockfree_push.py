@@ -600,10 +600,10 @@ def test_cancel_racing_inserts_never_runs_cancelled(
     # an id, as pushes of later jobs and worker threads' takes go on. A job
     # that cancel_job returned cancelled never runs; every other job runs
     # exactly once. The tests above stop a push at each step for cancel_job.
-    # The 4 threads start out held in blocking jobs, so the first 50 cancels
-    # find their jobs queued whatever the timing; the rest race the threads.
+    # The 4 threads start out blocked in gated jobs, so the first 50 cancels
+    # find their jobs queued whatever the timing. The rest race the threads.
     total = 600
-    held = 50
+    queued_cancels = 50
     workers = 4
     gate = unique_name("lockfree-cancel")
     _, release = BlockingWorker.gate(gate)
@@ -624,7 +624,7 @@ def test_cancel_racing_inserts_never_runs_cancelled(
 
     def cancel_each() -> None:
         for n, job in enumerate(jobs):
-            if n == held:
+            if n == queued_cancels:
                 release.set()
             wait_until(lambda: job.id is not None)  # noqa: B023
             while True:
@@ -650,7 +650,8 @@ def test_cancel_racing_inserts_never_runs_cancelled(
             assert (job.state, runs_of(n)) == (JobState.CANCELLED, 0), job
         else:
             assert (job.state, runs_of(n)) == (JobState.COMPLETED, 1), job
-    assert [returned[n] for n in range(held)] == [JobState.CANCELLED] * held
+    cancelled = [JobState.CANCELLED] * queued_cancels
+    assert [returned[n] for n in range(queued_cancels)] == cancelled
 
 
 def test_drain_racing_inserts_counts_exactly(

@@ -49,10 +49,10 @@ def _crash_when_lost(queue: Any, threads: list[threading.Thread]) -> None:
 
 
 class _HoldTimeoutLog(logging.Handler):
-    """Holds the scheduler thread at the "timed out" warning of `expire`.
+    """A log handler that stops the scheduler thread at `expire`'s warning.
 
     The timeout has then taken the claim and released the slot, but not yet
-    recorded the failed attempt. It waits there until `thread` has exited.
+    recorded the failed attempt. The handler waits until `threads` exit.
     Waits in handle(), not emit(), so the handler's own lock stays free.
     """
 

@@ -232,7 +232,8 @@ def test_pop_during_lockless_adds(limit: int) -> None:
     for thread in threads:
         thread.join(HANG_GUARD)
     assert errors == []
-    len(table)  # trims under the lock
+    # len() trims under the lock, so the pairs checked next are final.
+    len(table)
     _check_paired(table)
     assert len(table) == min(limit, adders * per_adder)
 
