@@ -395,15 +395,20 @@ class Stagehand(Control):
             The inserted jobs (or conflict copies), in the given order.
         """
         batch = list(jobs)
-        seen: set[int] = set()
-        for index, job in enumerate(batch):
-            if id(job) in seen:
-                raise InvalidOption(
-                    f"jobs[{index}] appears twice in insert_all(); build one job "
-                    "per insert with Worker.new(...)"
-                )
-            seen.add(id(job))
-            self.validate(job)
+        validate = self.validate
+        for job in batch:
+            validate(job)
+        # One C-level pass finds a repeated job; the loop that names it
+        # runs only when there is one.
+        if len(set(map(id, batch))) != len(batch):
+            seen: set[int] = set()
+            for index, job in enumerate(batch):
+                if id(job) in seen:
+                    raise InvalidOption(
+                        f"jobs[{index}] appears twice in insert_all(); build one "
+                        "job per insert with Worker.new(...)"
+                    )
+                seen.add(id(job))
         if self.testing == "disabled" and not any(job.unique for job in batch):
             return self._enqueue_batch(batch)
         return [self.insert(job) for job in batch]
