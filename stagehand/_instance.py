@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from threading import get_ident
-from typing import Any, Self, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 from stagehand import _registry
 from stagehand._clock import Clock, SystemClock
@@ -121,6 +121,7 @@ class Stagehand(Control):
             else FileLockLeadership(self.settings.leader_lock)
         )
         self._lifecycle = threading.Lock()
+        self._adopting = threading.Lock()
         self._state = _NEW
         self._stopped = threading.Event()
         self._executor = Executor(self)
@@ -424,15 +425,7 @@ class Stagehand(Control):
                 f"insert() takes a stagehand.Job, such as MyWorker.new(args); got {job!r}"
             )
         if self._state != _RUNNING:
-            if self._state in (_STOPPING, _STOPPED):
-                raise ShuttingDown(
-                    f"instance {self.name!r} is stopping or stopped and accepts no "
-                    f"new jobs; job for {job.worker} was not inserted"
-                )
-            raise NotRunning(
-                f"instance {self.name!r} is not started; call start() before "
-                "inserting jobs"
-            )
+            self._raise_not_running(job)
         if job.id is not None:
             raise _inserted_twice(job)
         if job.state is not JobState.AVAILABLE or job.cancel_requested:
@@ -445,11 +438,7 @@ class Stagehand(Control):
                 "Worker.new(...)"
             )
         if job.queue not in self._queues:
-            raise QueueNotConfigured(
-                f"queue {job.queue!r} is not configured on instance {self.name!r}; "
-                f"configured queues are {sorted(self._queues)}. Add it to "
-                "queues={...} or pass queue=... to Worker.new()."
-            )
+            self._raise_unknown_queue(job)
         if job._worker_class is None:
             # Built as Job(...) rather than Worker.new(), so nothing has
             # checked its fields yet.
@@ -458,6 +447,23 @@ class Stagehand(Control):
         if job.schedule_in is not None:
             # A due time past the year 9999 fails here, before any insert.
             _due_at(self.clock.now(), job.schedule_in)
+
+    def _raise_not_running(self, job: Job) -> NoReturn:
+        if self._state in (_STOPPING, _STOPPED):
+            raise ShuttingDown(
+                f"instance {self.name!r} is stopping or stopped and accepts no "
+                f"new jobs; job for {job.worker} was not inserted"
+            )
+        raise NotRunning(
+            f"instance {self.name!r} is not started; call start() before inserting jobs"
+        )
+
+    def _raise_unknown_queue(self, job: Job) -> NoReturn:
+        raise QueueNotConfigured(
+            f"queue {job.queue!r} is not configured on instance {self.name!r}; "
+            f"configured queues are {sorted(self._queues)}. Add it to "
+            "queues={...} or pass queue=... to Worker.new()."
+        )
 
     def _stamp(self, job: Job, now: datetime | int) -> float:
         # Returns the delay in seconds before the job is due. `now` comes
@@ -515,6 +521,55 @@ class Stagehand(Control):
                 return job
             raise
         return job
+
+    def _adopt(self, job: Job) -> None:
+        """Insert a job that another peer handed over, keeping its id.
+
+        `job` comes from `job_from_wire`: checked, unsaved, and available,
+        scheduled or retryable. It keeps its id, attempt, errors,
+        `inserted_at` and `scheduled_at`, and runs when `scheduled_at`
+        comes, or at once if that has passed.
+
+        Raises:
+            NotRunning, ShuttingDown: The instance is not accepting jobs.
+            QueueNotConfigured: The job's queue is not configured here.
+            InvalidOption: A job with the same id is here already.
+        """
+        # One at a time, so two copies of one job cannot both pass the check
+        # for its id.
+        with self._adopting:
+            if self._state != _RUNNING or self.testing != "disabled":
+                self._raise_not_running(job)
+            if job.queue not in self._queues:
+                self._raise_unknown_queue(job)
+            job_id: str = job.id  # type: ignore[assignment]
+            if job_id in self._live or self._retained.get(job_id) is not None:
+                raise InvalidOption(
+                    f"job {job_id} is on this peer already, so this copy was "
+                    "not adopted; a job runs on one peer only"
+                )
+            scheduled_at = job.scheduled_at
+            delay = 0.0
+            if scheduled_at is not None:
+                delay = (scheduled_at - self.clock.now()).total_seconds()
+            job._sequence = next(_insert_sequence)
+            job._instance = self
+            if delay > 0:
+                if job.state is JobState.AVAILABLE:
+                    job.state = JobState.SCHEDULED
+                self._live[job_id] = job
+                try:
+                    self._scheduler.add_job(  # type: ignore[union-attr]
+                        job, self.clock.monotonic() + delay, new=True
+                    )
+                except ShuttingDown:
+                    self._live.pop(job_id, None)
+                    raise
+            else:
+                job.state = JobState.AVAILABLE
+                self._queues[job.queue].push(job, self._live)
+            if job.unique is not None:
+                self._unique.adopt(job)
 
     def _unstamp(self, jobs: list[Job]) -> list[Job]:
         # Undoes the stamp of jobs whose insert failed, and returns them.

@@ -81,7 +81,8 @@ class Scheduler:
                 raise ShuttingDown(
                     "the instance is stopping; the scheduled job was not inserted"
                 )
-            if job.state is JobState.SCHEDULED:
+            # A job handed over by another peer may wait as retryable.
+            if job.state in _WAITING:
                 self._push_locked(due, _JOB, job)
                 self.waiting += 1
 

@@ -77,6 +77,19 @@ class UniqueTable:
             self._cache[key] = inserted
             return inserted
 
+    def adopt(self, job: Job) -> None:
+        """Record `job`, handed over by another peer, unless its fingerprint is taken.
+
+        The peer that held the job checked it for duplicates when it was
+        inserted. An entry here for the same fingerprint came from a check
+        made since, and it stays.
+        """
+        assert job.unique is not None
+        key = fingerprint(job)
+        with self._lock:
+            if self._cache.get(key) is None:
+                self._cache[key] = job
+
     def forget(self, job: Job) -> None:
         """Remove the fingerprint of `job` if `job` is the one it blocks for."""
         assert job.unique is not None
