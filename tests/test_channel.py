@@ -794,3 +794,42 @@ def test_connect_handshake_timeout(cleanup: list[Any]) -> None:
     assert str(info.value) == (
         f"handshake with {host}:{port} failed: no answer within 0.2 seconds"
     )
+
+
+def test_on_close_runs_once_when_server_closes(cleanup: list[Any]) -> None:
+    server = start_server(cleanup)
+    closed: list[str] = []
+    done = threading.Event()
+
+    def on_close() -> None:
+        closed.append(threading.current_thread().name)
+        done.set()
+
+    conn = open_connection(cleanup, server, on_close=on_close)
+    assert conn.request({"n": 1}, timeout=WAIT) == {"n": 1}
+    server.close()
+
+    assert done.wait(WAIT)
+    conn.close()
+    assert len(closed) == 1
+    assert closed[0].startswith("stagehand-channel-client-")
+
+
+def test_on_close_runs_when_client_closes(cleanup: list[Any]) -> None:
+    server = start_server(cleanup)
+    done = threading.Event()
+    conn = open_connection(cleanup, server, on_close=done.set)
+
+    conn.close()
+
+    assert done.is_set()  # close() joins the reader, which calls on_close
+
+
+def test_client_socket_has_keepalive(cleanup: list[Any]) -> None:
+    server = start_server(cleanup)
+    conn = open_connection(cleanup, server)
+    sock = conn._link.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
