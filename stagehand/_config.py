@@ -7,12 +7,15 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagehand import _options
 from stagehand._clock import Clock, SystemClock
 from stagehand.exceptions import InvalidOption
 from stagehand.plugins import Plugin
+
+if TYPE_CHECKING:
+    from stagehand._cluster import ClusterSettings
 
 __all__ = ["QueueSettings", "Settings", "TESTING_MODES", "build_settings"]
 
@@ -42,7 +45,7 @@ class Settings:
     plugins: tuple[tuple[type[Plugin], Mapping[str, Any]], ...]
     testing: str
     shutdown_grace_period: float
-    cluster: Mapping[str, Any] | None
+    cluster: ClusterSettings | None
     name: str
     clock: Clock
     retention_period: float
@@ -80,13 +83,22 @@ def build_settings(
         raise InvalidOption(
             f"clock must be a stagehand.testing.FakeClock or another Clock; got {clock!r}"
         )
+    cluster_settings = None
     if cluster is not None:
-        # NOTE: peers, discovery and handoff are not built yet, so a cluster
-        # setting is rejected rather than silently ignored.
-        raise InvalidOption(
-            "cluster mode is not available in this version of Stagehand; "
-            "remove the cluster setting to run a single process"
-        )
+        from stagehand._cluster import check_cluster
+
+        cluster_settings = check_cluster(cluster)
+        if testing != "disabled":
+            raise InvalidOption(
+                f"cluster mode runs real worker threads, so it needs "
+                f"testing='disabled'; got testing={testing!r}. Leave cluster out "
+                "in tests that use a testing mode"
+            )
+        if leader_lock is not None:
+            raise InvalidOption(
+                "pass cluster or leader_lock, not both: the peers of a cluster "
+                "elect their leader themselves"
+            )
     return Settings(
         queues=_check_queues(DEFAULT_QUEUES if queues is None else queues),
         plugins=_check_plugins(plugins),
@@ -94,7 +106,7 @@ def build_settings(
         shutdown_grace_period=_check_seconds(
             "shutdown_grace_period", shutdown_grace_period, allow_zero=True
         ),
-        cluster=cluster,
+        cluster=cluster_settings,
         name=name,
         clock=clock if clock is not None else SystemClock(),
         retention_period=_check_seconds(

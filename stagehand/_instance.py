@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from threading import get_ident
-from typing import Any, NoReturn, Self, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar
 
 from stagehand import _registry
 from stagehand._clock import Clock, SystemClock
@@ -40,6 +40,9 @@ from stagehand.exceptions import (
 )
 from stagehand.plugins import Plugin
 
+if TYPE_CHECKING:
+    from stagehand._cluster import Cluster
+
 __all__ = ["Stagehand"]
 
 PluginT = TypeVar("PluginT", bound=Plugin)
@@ -60,7 +63,13 @@ class Stagehand(Control):
             the inserting thread and returns it finished.
         shutdown_grace_period: Seconds `stop()` waits for executing jobs.
             Defaults to 15.
-        cluster: Reserved for clustering; must be None in this version.
+        cluster: None for a single process, or a dict that makes this
+            instance a peer of a cluster: ``name`` and ``secret`` (the same
+            on every peer), ``discovery`` (``"zeroconf"``, the default, or
+            a list of ``"host:port"`` peer addresses), ``bind`` (the
+            ``"host:port"`` to listen on; default ``"0.0.0.0:0"``), and
+            ``discovery_timeout``, ``join_timeout`` and ``request_timeout``
+            in seconds (defaults 1, 5 and 5). See docs/cluster.md.
         name: Registry name. The running instance named "default" serves
             `Job.insert()` and the module-level functions.
         clock: Time source; `stagehand.testing.FakeClock` in tests.
@@ -115,11 +124,19 @@ class Stagehand(Control):
         self._time: Callable[[], datetime | int] = (
             time.time_ns if type(self.clock) is SystemClock else self.clock.now
         )
-        self.leadership: Leadership = (
-            SoloLeadership()
-            if self.settings.leader_lock is None
-            else FileLockLeadership(self.settings.leader_lock)
-        )
+        self._cluster: Cluster | None = None
+        self.leadership: Leadership
+        if self.settings.cluster is not None:
+            # Imported here: zeroconf takes a while to import, and only
+            # cluster peers need it.
+            from stagehand._cluster import Cluster
+
+            self._cluster = Cluster(self, self.settings.cluster)
+            self.leadership = self._cluster.leadership
+        elif self.settings.leader_lock is not None:
+            self.leadership = FileLockLeadership(self.settings.leader_lock)
+        else:
+            self.leadership = SoloLeadership()
         self._lifecycle = threading.Lock()
         self._adopting = threading.Lock()
         self._state = _NEW
@@ -219,6 +236,8 @@ class Stagehand(Control):
                 self.leadership.start(self.name)
             self._state = _RUNNING
             atexit.register(self.stop)
+        if self._cluster is not None:
+            self._start_cluster()
         if self.testing == "disabled":
             self._start_plugins()
         logger.info(
@@ -228,6 +247,17 @@ class Stagehand(Control):
             ", ".join(f"{queue.name}={queue.limit}" for queue in self._queues.values()),
         )
         return self
+
+    def _start_cluster(self) -> None:
+        # Joins the cluster before start() returns, so that the unique
+        # entries this peer owns are here before the caller inserts.
+        assert self._cluster is not None
+        try:
+            self._cluster.start()
+        except BaseException:
+            logger.exception("joining the cluster failed; stopping %r", self.name)
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop gracefully and return when done; calling it again does nothing.
@@ -266,14 +296,35 @@ class Stagehand(Control):
             self._stopped.wait()
             return
         logger.info("stagehand instance %r stopping", self.name)
+        cluster = self._cluster
         try:
+            if cluster is not None:
+                # First, so that the other peers route nothing new here.
+                cluster.withdraw()
             self._stop_plugins()
             if isinstance(self.leadership, FileLockLeadership):
                 self.leadership.stop()
             self._close_queues()
+            lost = 0
+            if cluster is not None:
+                # Queued jobs move at once rather than after the grace period.
+                lost += cluster.hand_over(self._take_waiting_jobs())
             self._abandon(self._wait_for_executing())
             if self._scheduler is not None:
                 self._scheduler.stop()
+            if cluster is not None:
+                # Scheduled and retryable jobs, and jobs that failed or came
+                # due during the grace period.
+                lost += cluster.hand_over(self._take_waiting_jobs())
+                cluster.hand_over_entries()
+                cluster.close()
+                if lost:
+                    logger.warning(
+                        "stagehand instance %r stopped; %d jobs could not be "
+                        "handed to other peers and are lost",
+                        self.name,
+                        lost,
+                    )
             self._count_lost()
         finally:
             _registry.unregister(self)
@@ -351,6 +402,23 @@ class Stagehand(Control):
                 self.settings.shutdown_grace_period,
             )
 
+    def _take_waiting_jobs(self) -> list[Job]:
+        # Removes the available jobs of every queue and the jobs waiting in
+        # the scheduler, so that none of them runs here, and returns them.
+        jobs: list[Job] = []
+        for name in self._queues:
+            jobs.extend(self.drain_queue(name))
+        if self._scheduler is not None:
+            with self._scheduler.cond:
+                waiting = self._scheduler.take_waiting_locked()
+                for job in waiting:
+                    self._live.pop(job.id, None)  # type: ignore[arg-type]
+            for job in waiting:
+                if job.unique is not None:
+                    self._unique.forget(job)
+            jobs.extend(waiting)
+        return jobs
+
     def _count_lost(self) -> None:
         queued = sum(queue.available for queue in self._queues.values())
         waiting = self._scheduler.waiting if self._scheduler is not None else 0
@@ -380,6 +448,8 @@ class Stagehand(Control):
         self.validate(job)
         if job.unique is None:
             return self._enqueue(job)
+        if self._cluster is not None:
+            return self._cluster.insert_unique(job, self._insert_unique_here)
         if self.testing != "inline":
             return self._unique.insert(job, self._enqueue)
         # The unique check holds a lock, and an inline job may insert jobs,
@@ -388,6 +458,17 @@ class Stagehand(Control):
         if inserted is job:
             self._run_inline(job)
         return inserted
+
+    def _insert_unique_here(self, job: Job) -> Job:
+        return self._unique.insert(job, self._enqueue)
+
+    def _insert_here(self, job: Job) -> Job:
+        # An insert that another peer routed here, because this peer owns
+        # the job's fingerprint.
+        self.validate(job)
+        if job.unique is None:
+            return self._enqueue(job)
+        return self._insert_unique_here(job)
 
     def insert_all(self, jobs: Iterable[Job]) -> list[Job]:
         """Insert several jobs; if any is invalid, none is inserted.
@@ -669,7 +750,14 @@ class Stagehand(Control):
         return job
 
     def _run_inline(self, job: Job) -> None:
-        self._executor.run(job, None)
+        try:
+            self._executor.run(job, None)
+        finally:
+            # Wakes test helpers such as assert_enqueued that wait in other
+            # threads for this job.
+            with self._recorded_changed:
+                self._recorded_version += 1
+                self._recorded_changed.notify_all()
 
     def _record_locked(self, job: Job) -> None:
         # The caller holds _recorded_lock.

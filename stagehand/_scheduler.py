@@ -161,6 +161,26 @@ class Scheduler:
             and payload.state in _WAITING
         ]
 
+    def take_waiting_locked(self) -> list[Job]:
+        """Detach every waiting job and return them; the caller holds `cond`.
+
+        Timer entries stay. The jobs keep their state; none of them is
+        promoted later.
+        """
+        jobs = [
+            payload
+            for _, sequence, kind, payload in sorted(self._heap)
+            if kind == _JOB
+            and payload._schedule_seq == sequence
+            and payload.state in _WAITING
+        ]
+        for job in jobs:
+            job._schedule_seq = 0
+        self.waiting -= len(jobs)
+        self._heap = [entry for entry in self._heap if entry[2] != _JOB]
+        heapq.heapify(self._heap)
+        return jobs
+
     def _run(self) -> None:
         while True:
             try:

@@ -50,8 +50,11 @@ class UniqueTable:
 
     def __init__(self, timer: Callable[[], float], maxsize: int):
         self._lock = threading.Lock()
+        # Expiry times for entries that `put` stores, read once by the
+        # cache's time-to-use function as the entry goes in.
+        self._expires: dict[str, float] = {}
         self._cache: TLRUCache[str, Job] = TLRUCache(
-            maxsize=maxsize, ttu=_time_to_use, timer=timer
+            maxsize=maxsize, ttu=self._time_to_use, timer=timer
         )
 
     def insert(self, job: Job, enqueue: Callable[[Job], Job]) -> Job:
@@ -90,6 +93,33 @@ class UniqueTable:
             if self._cache.get(key) is None:
                 self._cache[key] = job
 
+    def put(self, key: str, job: Job, expires: float) -> None:
+        """Store an entry that another peer handed over, expiring at `expires`.
+
+        An entry already here for the same fingerprint stays if it blocks
+        duplicates.
+        """
+        with self._lock:
+            existing = self._cache.get(key)
+            if (
+                existing is not None
+                and existing.unique is not None
+                and existing.state.value in existing.unique["states"]
+            ):
+                return
+            self._expires[key] = expires
+            try:
+                self._cache[key] = job
+            finally:
+                self._expires.pop(key, None)
+
+    def take(self, moving: Callable[[str], bool]) -> list[tuple[str, Job]]:
+        """Remove and return the entries whose fingerprint `moving` accepts."""
+        with self._lock:
+            self._cache.expire()
+            keys = [key for key in self._cache if moving(key)]
+            return [(key, self._cache.pop(key)) for key in keys]
+
     def forget(self, job: Job) -> None:
         """Remove the fingerprint of `job` if `job` is the one it blocks for."""
         assert job.unique is not None
@@ -107,8 +137,10 @@ class UniqueTable:
         with self._lock:
             self._cache.clear()
 
-
-def _time_to_use(key: str, job: Job, now: float) -> float:
-    assert job.unique is not None
-    period = job.unique["period"]
-    return math.inf if period is None else now + period
+    def _time_to_use(self, key: str, job: Job, now: float) -> float:
+        expires = self._expires.get(key)
+        if expires is not None:
+            return expires
+        assert job.unique is not None
+        period = job.unique["period"]
+        return math.inf if period is None else now + period

@@ -67,7 +67,7 @@ from workers import BlockingWorker, EchoWorker
             {"clock": "now"},
             "clock must be a stagehand.testing.FakeClock or another Clock",
         ),
-        ({"cluster": {"name": "shop"}}, "cluster mode is not available"),
+        ({"cluster": {"name": "shop"}}, "cluster secret must be a str or bytes"),
     ],
 )
 def test_bad_settings_rejected(settings: dict[str, object], message: str) -> None:
