@@ -265,7 +265,8 @@ class Stagehand(Control):
         New inserts are rejected at once. Executing jobs get
         `shutdown_grace_period` seconds (real time) to finish; jobs still
         running then are abandoned, never started again, and logged by id.
-        Jobs still queued or scheduled are lost, and their count is logged.
+        Jobs still queued or scheduled are lost, and their count is logged;
+        a peer of a cluster hands them to the other peers first.
         """
         if current_instance() is self:
             # Waiting here would wait for the calling job itself, so the stop
