@@ -34,6 +34,7 @@ class Params:
     seconds: float = 4.0
     delay: int = 2
     cpu_iterations: int = 0
+    routed: int = 5_000
     timeout: float = 240.0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -230,6 +231,11 @@ def resident_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def b9_cluster(system: System, params: Params) -> Figures:
+    """Route unique inserts to a remote peer, then hand jobs over on stop."""
+    return system.cluster(params.routed, params.jobs, params.timeout)
+
+
 BENCHES: dict[str, Callable[[System, Params], Figures]] = {
     "b1": b1_throughput,
     "b2": b2_producers,
@@ -239,4 +245,5 @@ BENCHES: dict[str, Callable[[System, Params], Figures]] = {
     "b6": b6_scheduled,
     "b7": b7_cpu,
     "b8": b8_idle,
+    "b9": b9_cluster,
 }

@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cpu-iterations", type=int, default=0, help="B7 loop count per job"
     )
     parser.add_argument(
+        "--routed", type=int, default=5_000, help="B9 routed unique inserts"
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=240.0,
@@ -74,6 +77,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         seconds=args.seconds,
         delay=args.delay,
         cpu_iterations=args.cpu_iterations,
+        routed=args.routed,
         timeout=args.timeout,
         options={"redis_url": args.redis_url},
     )

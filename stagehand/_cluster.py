@@ -238,6 +238,20 @@ class Cluster:
             host = self.settings.bind[0]
         return host, port
 
+    def status(self) -> dict[str, Any]:
+        """Return the dict that `Stagehand.check_cluster` describes."""
+        try:
+            address: str | None = "{}:{}".format(*self.address)
+        except ChannelError:
+            address = None  # not listening yet
+        return {
+            "name": self.settings.name,
+            "peer": self.peer_id,
+            "address": address,
+            "leader": self.leader(),
+            "peers": self.members(),
+        }
+
     def members(self) -> list[str]:
         """Return the peer ids of the members, not counting this peer."""
         with self._lock:

@@ -432,6 +432,20 @@ class Stagehand(Control):
                 waiting,
             )
 
+    def check_cluster(self) -> dict[str, Any] | None:
+        """Return this peer's view of its cluster, or None without a cluster.
+
+        Returns:
+            A dict with ``name`` (the cluster's), ``peer`` (this peer's
+            id), ``address`` (``"host:port"`` of its channel, or None
+            before `start()`), ``leader`` (the leader's peer id) and
+            ``peers`` (the ids of the other peers it is connected to,
+            sorted).
+        """
+        if self._cluster is None:
+            return None
+        return self._cluster.status()
+
     # Inserting
 
     def insert(self, job: Job) -> Job:

@@ -366,3 +366,19 @@ def test_stop_splits_batches_that_exceed_a_frame(
         f"job {too_large.id} is too large" in record.getMessage()
         for record in caplog.records
     )
+
+
+def test_check_cluster_reports_peers_and_leader(peers: Peers) -> None:
+    first = peers.start()
+    second = peers.start(first)
+    wait_until(lambda: len(members(first)) == 1)
+
+    status = first.check_cluster()
+
+    assert status is not None
+    assert status["name"] == peers.cluster
+    assert status["peer"] == peer_id(first)
+    assert status["address"] == "{}:{}".format(*first._cluster.address)  # type: ignore[union-attr]
+    assert status["peers"] == [peer_id(second)]
+    assert status["leader"] == min(peer_id(first), peer_id(second))
+    assert stagehand.Stagehand(name=unique_name("solo")).check_cluster() is None

@@ -70,6 +70,10 @@ class System(ABC):
         """Insert one job due ``seconds`` from now."""
         raise Unsupported("no scheduled jobs")
 
+    def cluster(self, routed: int, handed: int, timeout: float) -> dict[str, Any]:
+        """Measure routed unique inserts and the hand-off of queued jobs (B9)."""
+        raise Unsupported("no cluster of processes")
+
     def queued_bytes(self) -> int | None:
         """Return bytes held outside this process for queued jobs, or None.
 
