@@ -382,3 +382,48 @@ def test_check_cluster_reports_peers_and_leader(peers: Peers) -> None:
     assert status["peers"] == [peer_id(second)]
     assert status["leader"] == min(peer_id(first), peer_id(second))
     assert stagehand.Stagehand(name=unique_name("solo")).check_cluster() is None
+
+
+def cron_jobs(*instances: stagehand.Stagehand) -> list[str]:
+    """Return the cron slots of the jobs on all the given peers, sorted."""
+    return sorted(
+        job.meta["cron_slot"] for instance in instances for job in instance.jobs()
+    )
+
+
+def test_cron_fires_once_per_cluster(peers: Peers) -> None:
+    from datetime import UTC, datetime
+
+    from stagehand import FakeClock
+    from stagehand.plugins import Cron
+
+    start = datetime(2026, 3, 1, 11, 59, 30, tzinfo=UTC)
+    clock = FakeClock(start)
+    config: dict[str, Any] = {
+        "clock": clock,
+        "queues": {"default": {"limit": 1, "paused": True}},
+        "plugins": [(Cron, {"crontab": [("* * * * *", WhereWorker)]})],
+    }
+    first = peers.start(**config)
+    second = peers.start(first, **config)
+    wait_until(lambda: len(members(first)) == 1 and len(members(second)) == 1)
+    leader, other = (
+        (first, second) if peer_id(first) < peer_id(second) else (second, first)
+    )
+    wait_until(lambda: leader.leadership.is_leader)
+    crons = {instance: instance.plugin(Cron) for instance in (first, second)}
+
+    clock.advance(30)
+    for instance in (first, second):
+        assert crons[instance].wait_caught_up(HANG_GUARD)
+    assert cron_jobs(first, second) == ["2026-03-01T12:00:00+00:00"]
+
+    # The leader leaves; its job moves to the other peer, which now leads.
+    leader.stop()
+    wait_until(lambda: other.leadership.is_leader)
+    clock.advance(60)
+    assert crons[other].wait_caught_up(HANG_GUARD)
+    assert cron_jobs(other) == [
+        "2026-03-01T12:00:00+00:00",
+        "2026-03-01T12:01:00+00:00",
+    ]
