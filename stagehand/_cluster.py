@@ -45,7 +45,12 @@ from stagehand._leadership import Leadership
 from stagehand._rendezvous import ranked
 from stagehand._unique import fingerprint
 from stagehand._wire import job_from_wire, job_to_wire
-from stagehand.exceptions import InvalidOption, StagehandError
+from stagehand.exceptions import (
+    InvalidOption,
+    NotRunning,
+    ShuttingDown,
+    StagehandError,
+)
 
 if TYPE_CHECKING:
     from stagehand._discovery import PeerAddress, ZeroconfDiscovery
@@ -353,6 +358,11 @@ class Cluster:
             )
         except ChannelError as error:
             logger.warning("peer %s did not answer join: %s", member.peer_id, error)
+            self._drop(member)
+            return
+        if "error" in reply:
+            # The peer is leaving, or failed to handle the join.
+            logger.info("peer %s declined the join: %s", member.peer_id, reply["error"])
             self._drop(member)
             return
         self._receive_entries(reply.get("entries", []))
@@ -668,6 +678,10 @@ class Cluster:
         return {"error": f"unknown request type {kind!r}"}
 
     def _on_join(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            leaving = self._leaving
+        if leaving:
+            return {"error": "leaving"}
         host, port = message["address"]
         address = (str(host), int(port))
         with self._lock:
@@ -705,7 +719,12 @@ class Cluster:
                 "peer %s runs a unique check before its join finished", self.peer_id
             )
         job = _new_job_from_wire(message["job"])
-        inserted = self.instance._insert_here(job)
+        try:
+            inserted = self.instance._insert_here(job)
+        except (NotRunning, ShuttingDown):
+            # stop() began after the check above: the sender tries the next
+            # peer in line.
+            return {"error": "leaving"}
         return {"job": inserted.to_dict(), "conflict": inserted.conflict}
 
     def _on_adopt(self, message: dict[str, Any]) -> dict[str, Any]:
