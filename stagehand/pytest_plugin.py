@@ -11,6 +11,10 @@ Fixtures:
     stagehand_default: The same, registered as the default instance (named
         "default"), so `Job.insert()` and the `stagehand.testing` helpers
         find it without being passed an instance.
+    stagehand_jobs: For Django projects (pytest-django): the default
+        instance that the ``stagehand_django`` app started in a testing
+        mode, with its recorded jobs cleared. It imports Django only when a
+        test requests it.
 
 The ``stagehand`` marker sets the keyword arguments of `stagehand.Stagehand`
 for these fixtures, for example
@@ -28,7 +32,12 @@ import pytest
 if TYPE_CHECKING:
     from stagehand import FakeClock, Stagehand
 
-__all__ = ["stagehand_clock", "stagehand_default", "stagehand_instance"]
+__all__ = [
+    "stagehand_clock",
+    "stagehand_default",
+    "stagehand_instance",
+    "stagehand_jobs",
+]
 
 MARKER_OPTIONS = frozenset(
     {
@@ -101,6 +110,47 @@ def stagehand_default(
             pytrace=False,
         )
     yield from _run_instance(request, stagehand_clock, "default")
+
+
+@pytest.fixture
+def stagehand_jobs() -> Stagehand:
+    """Clear the recorded jobs of the Django app's default instance; return it.
+
+    The ``stagehand_django`` app starts that instance when Django is ready,
+    in the testing mode of ``STAGEHAND["testing"]`` ("manual" or "inline")
+    in the settings module loaded at startup. The test fails at setup when
+    Django is not installed or set up, or the app is not installed.
+    """
+    _require_django_app()
+    from stagehand import testing
+    from stagehand_django.test import default_test_instance
+
+    instance = default_test_instance()
+    testing.reset(instance)
+    return instance
+
+
+def _require_django_app() -> None:
+    try:
+        from django.apps import apps
+    except ImportError:
+        pytest.fail(
+            "stagehand_jobs needs Django, which is not installed; without "
+            "Django, request stagehand_default instead",
+            pytrace=False,
+        )
+    if not apps.ready:
+        pytest.fail(
+            "stagehand_jobs needs Django set up, and it is not; install "
+            "pytest-django and set DJANGO_SETTINGS_MODULE (or pass --ds)",
+            pytrace=False,
+        )
+    if not apps.is_installed("stagehand_django"):
+        pytest.fail(
+            "stagehand_jobs needs the stagehand_django app; add "
+            '"stagehand_django" to INSTALLED_APPS',
+            pytrace=False,
+        )
 
 
 def _run_instance(

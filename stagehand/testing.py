@@ -656,9 +656,12 @@ def drain_queue(
 
     Raises:
         NotRunning: `instance` is None and no default instance is running.
-        InvalidOption: The instance runs jobs itself (``"disabled"``).
+        InvalidOption: `with_scheduled` or `with_recursion` is not a bool,
+            or the instance runs jobs itself (``"disabled"``).
         QueueNotConfigured: `queue` is not one of the instance's queues.
     """
+    _check_flag("with_scheduled", with_scheduled)
+    _check_flag("with_recursion", with_recursion)
     target = _resolve_instance(instance)
     _check_drainable(target, queue)
     counts = dict.fromkeys(DRAIN_OUTCOMES, 0)
@@ -671,6 +674,15 @@ def drain_queue(
                 _run_attempt(target, job, counts)
         if not batch or not with_recursion:
             return counts
+
+
+def _check_flag(name: str, value: object) -> None:
+    # A string such as "no" is true, so it would quietly turn the flag on.
+    if not isinstance(value, bool):
+        raise InvalidOption(
+            f"drain_queue() {name} must be True or False; got {value!r}. "
+            f"Pass {name}=True or leave it out."
+        )
 
 
 def _check_drainable(instance: Stagehand, queue: str) -> None:

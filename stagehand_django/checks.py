@@ -23,8 +23,9 @@ def check_settings(
     STAGEHAND_AUTOSTART, E006 STAGEHAND_INSERT_ON_COMMIT, E007
     STAGEHAND_RUNTIME_DIR, E008 a Stagehand task backend naming a queue
     that STAGEHAND does not configure, E009 a relative
-    STAGEHAND['leader_lock'] path, W001 a STAGEHAND* setting that
-    Stagehand does not read (a misspelling).
+    STAGEHAND['leader_lock'] path, E010 a TASKS entry that is not a dict
+    or a Stagehand task backend whose QUEUES is not a list of names, W001
+    a STAGEHAND* setting that Stagehand does not read (a misspelling).
     """
     messages: list[checks.CheckMessage] = []
     for problem in conf.problems():

@@ -89,10 +89,10 @@ class Problem:
 
 def problems() -> list[Problem]:
     """Return every mistake in the Stagehand settings; empty when all is well."""
-    found = _stagehand_problems(getattr(settings, "STAGEHAND", {}))
+    value = getattr(settings, "STAGEHAND", {})
+    found = _stagehand_problems(value)
     found.extend(_flag_problems())
-    if not found:
-        found.extend(_task_problems())
+    found.extend(_task_problems(_configured_queues(value)))
     found.extend(_unknown_setting_problems())
     return found
 
@@ -125,16 +125,62 @@ def _unknown_setting_problems() -> list[Problem]:
     return found
 
 
-def _task_problems() -> list[Problem]:
+_TASK_BACKEND = "stagehand_django.tasks.StagehandBackend"
+
+
+def _configured_queues(value: object) -> set[str] | None:
+    """Return the queue names that STAGEHAND configures, None if unknown.
+
+    They are unknown when STAGEHAND or its "queues" is invalid, which
+    another problem reports.
+    """
+    if not isinstance(value, Mapping):
+        return None
+    queues = value.get("queues")
+    if queues is None:
+        return set(_config.DEFAULT_QUEUES)
+    if _value_problems("queues", queues):
+        return None
+    return set(queues)
+
+
+def _task_problems(configured: set[str] | None) -> list[Problem]:
     # django.tasks registers its own checks only once it is imported, so the
-    # queues of Stagehand task backends are checked here.
+    # entries of Stagehand task backends are checked here, and their queues
+    # against `configured` unless that is None (unknown).
     backends = getattr(settings, "TASKS", {})
-    configured = getattr(settings, "STAGEHAND", {}).get("queues") or {"default": 10}
     found = []
     for alias, params in backends.items() if isinstance(backends, Mapping) else ():
-        if params.get("BACKEND") != "stagehand_django.tasks.StagehandBackend":
+        if not isinstance(params, Mapping):
+            found.append(
+                Problem(
+                    id="stagehand.E010",
+                    msg=f"TASKS[{alias!r}] must be a dict of backend settings; "
+                    f"got {params!r}",
+                    hint=f'Write TASKS = {{{alias!r}: {{"BACKEND": '
+                    f'"{_TASK_BACKEND}", "QUEUES": ["default"]}}}}.',
+                )
+            )
             continue
-        missing = sorted(set(params.get("QUEUES", ["default"])) - set(configured))
+        if params.get("BACKEND") != _TASK_BACKEND:
+            continue
+        names = params.get("QUEUES", ["default"])
+        if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+            isinstance(name, str) for name in names
+        ):
+            found.append(
+                Problem(
+                    id="stagehand.E010",
+                    msg=f"TASKS[{alias!r}]['QUEUES'] must be a list of queue "
+                    f"names; got {names!r}",
+                    hint='Write a list of Stagehand queue names, such as "QUEUES": '
+                    '["default", "mailers"], or remove QUEUES to use ["default"].',
+                )
+            )
+            continue
+        if configured is None:
+            continue
+        missing = sorted(set(names) - configured)
         if missing:
             found.append(
                 Problem(
@@ -311,6 +357,15 @@ def _flag_problems() -> list[Problem]:
                 hint="Use a directory only this user can write, or remove the setting.",
             )
         )
+    elif value is not None and (blocker := _non_directory_in(value)) is not None:
+        found.append(
+            Problem(
+                id="stagehand.E007",
+                msg=f"STAGEHAND_RUNTIME_DIR cannot be created, because {blocker!r} "
+                f"is not a directory: {value!r}",
+                hint="Use a directory only this user can write, or remove the setting.",
+            )
+        )
     elif value is not None and len(os.fsencode(value)) > _MAX_RUNTIME_DIR_BYTES:
         found.append(
             Problem(
@@ -322,6 +377,17 @@ def _flag_problems() -> list[Problem]:
             )
         )
     return found
+
+
+def _non_directory_in(path: str | os.PathLike[str]) -> str | None:
+    """Return the closest existing part of `path` if it is not a directory."""
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+    return None if os.path.isdir(current) else current
 
 
 # A Unix socket path holds at most 107 bytes on Linux; each socket is named

@@ -33,14 +33,16 @@ import threading
 import time
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import get_commands, load_command_class
 from django.core.management.base import ALL_CHECKS
 from django.core.signals import request_started
 
 import stagehand
+from stagehand.exceptions import InvalidOption
 from stagehand_django import conf, db
-from stagehand_django.control import ControlPlugin
+from stagehand_django.control import ControlPlugin, prepare_directory
 
 __all__ = [
     "decide",
@@ -120,19 +122,20 @@ def install() -> None:
 
     A settings error is not raised, so that ``manage.py check`` can still
     report it. It is logged, except in a management command that runs the
-    system checks, which report it themselves.
+    system checks and those report a Stagehand error themselves.
     """
     try:
         when = decide()
         if when == EAGER:
             start()
     except ImproperlyConfigured as error:
-        if not runs_system_checks():
-            logger.error(
-                "Stagehand was not started: %s Run manage.py check to list "
-                "every mistake.",
-                error,
-            )
+        # The checks cannot find some start errors, such as an unusable
+        # runtime directory, so those are logged in every process.
+        reported = any(not problem.warning for problem in conf.problems())
+        if reported and runs_system_checks():
+            return
+        advice = " Run manage.py check to list every mistake." if reported else ""
+        logger.error("Stagehand was not started: %s%s", error, advice)
         return
     if when == LAZY:
         request_started.connect(_start_on_request, dispatch_uid=__name__)
@@ -189,7 +192,9 @@ def start() -> stagehand.Stagehand:
     socket for ``manage.py stagehand_status``.
 
     Raises:
-        ImproperlyConfigured: The settings are invalid.
+        ImproperlyConfigured: The settings are invalid, or the runtime
+            directory (``STAGEHAND_RUNTIME_DIR``) cannot be created or cannot
+            hold the control socket.
     """
     global _owned, _stopped
     with _lock:
@@ -212,12 +217,15 @@ def _build() -> stagehand.Stagehand:
     kwargs = conf.instance_kwargs()
     if kwargs.get("testing", "disabled") == "disabled":
         directory = conf.runtime_dir()
-        control = (ControlPlugin, {"directory": directory})
+        try:
+            prepare_directory(directory)
+        except (OSError, InvalidOption) as error:
+            raise _runtime_dir_error(directory, error) from error
+        control = (_RuntimeDirControlPlugin, {"directory": directory})
         kwargs["plugins"] = [*(kwargs.get("plugins") or ()), control]
         if "leader_lock" not in kwargs:
             # The processes of this project on this host elect one cron
             # leader, so forked server workers do not each run cron.
-            os.makedirs(directory, mode=0o700, exist_ok=True)
             kwargs["leader_lock"] = os.path.join(directory, "leader.lock")
     try:
         return stagehand.Stagehand(**kwargs)
@@ -225,6 +233,31 @@ def _build() -> stagehand.Stagehand:
         raise ImproperlyConfigured(
             f"STAGEHAND is invalid: {error} Run manage.py check for every mistake."
         ) from error
+
+
+class _RuntimeDirControlPlugin(ControlPlugin):
+    """The control plugin, which reports an unusable runtime directory as a
+    settings error. The instance stops itself before the error reaches
+    `start`'s caller."""
+
+    def start(self) -> None:
+        try:
+            super().start()
+        except (OSError, InvalidOption) as error:
+            raise _runtime_dir_error(self.options["directory"], error) from error
+
+
+def _runtime_dir_error(directory: str, error: Exception) -> ImproperlyConfigured:
+    fix = "Set STAGEHAND_RUNTIME_DIR to an absolute path that this user can create"
+    if getattr(settings, "STAGEHAND_RUNTIME_DIR", None) is None:
+        where = f"The default runtime directory {directory!r}"
+        fix += "."
+    else:
+        where = f"STAGEHAND_RUNTIME_DIR {directory!r}"
+        fix += ", or remove the setting to use the default."
+    return ImproperlyConfigured(
+        f"{where} cannot hold Stagehand's control socket: {error}. {fix}"
+    )
 
 
 def stop() -> None:

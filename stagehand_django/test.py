@@ -13,14 +13,14 @@ assertions built on `stagehand.testing`::
             self.client.post("/order/")
             self.assertEnqueued(worker=ConfirmationWorker, queue="mailers")
 
-With pytest-django, add ``pytest_plugins = ["stagehand_django.test"]`` to
-a conftest.py and request the `stagehand_jobs` fixture.
+With pytest-django, request the `stagehand_jobs` fixture, which the pytest
+plugin that Stagehand installs provides (see `stagehand.pytest_plugin`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -61,10 +61,13 @@ class StagehandTestMixin:
 
     failureException: type[BaseException]
 
-    def _pre_setup(self, *args: Any, **kwargs: Any) -> None:
+    @classmethod
+    def _pre_setup(cls) -> None:
         # Django calls _pre_setup before setUp, so a setUp that does not call
-        # super() still starts from no recorded jobs.
-        super()._pre_setup(*args, **kwargs)  # type: ignore[misc]
+        # super() still starts from no recorded jobs. Since Django 5.2 it is a
+        # classmethod, which TransactionTestCase.setUpClass also calls on the
+        # class, in place of the call before the first test.
+        super()._pre_setup()  # type: ignore[misc]
         testing.reset(default_test_instance())
 
     def assertEnqueued(self, **filters: Any) -> Job:
@@ -111,15 +114,8 @@ class StagehandTestCase(StagehandTestMixin, TestCase):
     """A Django `TestCase` with the assertions of `StagehandTestMixin`."""
 
 
-try:
-    import pytest
-except ImportError:  # pytest is optional: the fixture needs it, the classes not.
-    pass
-else:
-
-    @pytest.fixture
-    def stagehand_jobs() -> stagehand.Stagehand:
-        """Forget the recorded jobs and return the default test instance."""
-        instance = default_test_instance()
-        testing.reset(instance)
-        return instance
+# The pytest plugin provides the fixture. It is imported here too, so that a
+# conftest.py line ``pytest_plugins = ["stagehand_django.test"]`` still
+# works. pytest is optional: the fixture needs it, the classes do not.
+with suppress(ImportError):
+    from stagehand.pytest_plugin import stagehand_jobs  # noqa: F401

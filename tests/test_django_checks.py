@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_stagehand_must_be_a_dict() -> None:
     ]
 
 
-@override_settings(STAGEHAND={"queue": {"default": 2}, "name": "shop"})
+@override_settings(STAGEHAND={"queue": {"default": 2}, "name": "shop"}, TASKS={})
 def test_unknown_keys_and_name_are_reported() -> None:
     errors = stagehand_errors()
     assert [error[0] for error in errors] == ["stagehand.E003", "stagehand.E002"]
@@ -101,6 +102,72 @@ def test_task_backend_queues_must_be_configured() -> None:
     assert "['default']" in errors[0][1]
 
 
+STAGEHAND_TASKS = {
+    "default": {
+        "BACKEND": "stagehand_django.tasks.StagehandBackend",
+        "QUEUES": ["default", "mailers"],
+    }
+}
+
+
+@override_settings(
+    STAGEHAND={"queues": {"default": 1}},
+    STAGEHAND_AUTOSTART="yes",
+    TASKS=STAGEHAND_TASKS,
+)
+def test_task_queues_e008_beside_e005() -> None:
+    assert [error[0] for error in stagehand_errors()] == [
+        "stagehand.E005",
+        "stagehand.E008",
+    ]
+
+
+@override_settings(STAGEHAND={"testing": "sometimes"}, TASKS=STAGEHAND_TASKS)
+def test_task_queues_e008_beside_e004() -> None:
+    # The queues are the default ones, which lack "mailers".
+    assert [error[0] for error in stagehand_errors()] == [
+        "stagehand.E004",
+        "stagehand.E008",
+    ]
+
+
+@override_settings(STAGEHAND={"queues": {"default": 0}}, TASKS=STAGEHAND_TASKS)
+def test_task_queues_unchecked_when_queues_invalid() -> None:
+    # Without valid queues, the queues of TASKS cannot be compared.
+    assert [error[0] for error in stagehand_errors()] == ["stagehand.E004"]
+
+
+@override_settings(TASKS={"default": "path.string"})
+def test_task_entry_not_a_dict() -> None:
+    assert stagehand_errors() == [
+        (
+            "stagehand.E010",
+            "TASKS['default'] must be a dict of backend settings; got 'path.string'",
+            "Write TASKS = {'default': {\"BACKEND\": "
+            '"stagehand_django.tasks.StagehandBackend", "QUEUES": ["default"]}}.',
+        )
+    ]
+
+
+@override_settings(
+    TASKS={
+        "default": {
+            "BACKEND": "stagehand_django.tasks.StagehandBackend",
+            "QUEUES": "mailers",
+        }
+    }
+)
+def test_task_queues_string() -> None:
+    assert stagehand_errors() == [
+        (
+            "stagehand.E010",
+            "TASKS['default']['QUEUES'] must be a list of queue names; got 'mailers'",
+            'Write a list of Stagehand queue names, such as "QUEUES": '
+            '["default", "mailers"], or remove QUEUES to use ["default"].',
+        )
+    ]
+
+
 @override_settings(STAGEHAND={"testing": "sometimes"})
 def test_runtime_start_raises_improperly_configured() -> None:
     with pytest.raises(
@@ -157,7 +224,8 @@ OPTIONS_HINT = (
         "plugins": [
             (CRON, {"crontab": [("@daily", NOTE_WORKER, {"queue": "mailers"})]})
         ],
-    }
+    },
+    TASKS={},
 )
 def test_cron_queue_error_under_plugins() -> None:
     assert stagehand_errors() == [
@@ -194,7 +262,7 @@ def test_cron_queue_error_under_plugins() -> None:
     ],
 )
 def test_plugin_option_errors_hint(plugins: list[object], message: str) -> None:
-    with override_settings(STAGEHAND={"plugins": plugins}):
+    with override_settings(STAGEHAND={"plugins": plugins}, TASKS={}):
         errors = stagehand_errors()
     assert len(errors) == 1
     assert errors[0][0] == "stagehand.E004"
@@ -213,7 +281,7 @@ def test_plugin_option_errors_hint(plugins: list[object], message: str) -> None:
     ],
 )
 def test_malformed_plugin_list_hint(plugins: object) -> None:
-    with override_settings(STAGEHAND={"plugins": plugins}):
+    with override_settings(STAGEHAND={"plugins": plugins}, TASKS={}):
         errors = stagehand_errors()
     assert len(errors) == 1
     assert errors[0][0] == "stagehand.E004"
@@ -223,7 +291,7 @@ def test_malformed_plugin_list_hint(plugins: object) -> None:
 
 @pytest.mark.parametrize("path", ["stagehand.lock", "run/stagehand.lock"])
 def test_relative_leader_lock_rejected(path: str) -> None:
-    with override_settings(STAGEHAND={"leader_lock": path}):
+    with override_settings(STAGEHAND={"leader_lock": path}, TASKS={}):
         errors = stagehand_errors()
     assert errors == [
         (
@@ -339,3 +407,132 @@ def test_check_prints_only_check_error() -> None:
         "",
         "System check identified 1 issue (0 silenced).",
     ]
+
+
+def test_runtime_dir_under_a_file_e007(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runtime = str(blocker / "runtime")
+    with override_settings(STAGEHAND_RUNTIME_DIR=runtime):
+        errors = stagehand_errors()
+    assert errors == [
+        (
+            "stagehand.E007",
+            f"STAGEHAND_RUNTIME_DIR cannot be created, because {str(blocker)!r} "
+            f"is not a directory: {runtime!r}",
+            "Use a directory only this user can write, or remove the setting.",
+        )
+    ]
+
+
+def test_runtime_dir_under_a_file_install(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runtime = str(blocker / "runtime")
+    with override_settings(
+        STAGEHAND={"queues": {"default": 1, "mailers": 1}},
+        STAGEHAND_RUNTIME_DIR=runtime,
+        STAGEHAND_AUTOSTART=True,
+    ):
+        try:
+            # The app's ready() calls install(), which logs a settings error.
+            with caplog.at_level(logging.ERROR):
+                lifecycle.install()
+            with pytest.raises(ImproperlyConfigured, match="STAGEHAND_RUNTIME_DIR"):
+                lifecycle.start()
+        finally:
+            lifecycle.stop()
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith(
+        "Stagehand was not started: STAGEHAND_RUNTIME_DIR cannot be created"
+    )
+    assert stagehand.default_instance() is None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+def test_check_reports_runtime_dir_under_a_file(tmp_path: Path) -> None:
+    # With STAGEHAND_AUTOSTART = True, django.setup() used to raise
+    # NotADirectoryError, so check could not run.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runtime = str(blocker / "runtime")
+    env = {"STAGEHAND_TEST_AUTOSTART": "true", "STAGEHAND_TEST_RUNTIME_DIR": runtime}
+    process = Process(manage("check"), env)
+    try:
+        assert process.wait() == 1
+    finally:
+        process.kill()
+    assert process.lines == [
+        "SystemCheckError: System check identified some issues:",
+        "",
+        "ERRORS:",
+        f"?: (stagehand.E007) STAGEHAND_RUNTIME_DIR cannot be created, because "
+        f"{str(blocker)!r} is not a directory: {runtime!r}",
+        "\tHINT: Use a directory only this user can write, or remove the setting.",
+        "",
+        "System check identified 1 issue (0 silenced).",
+    ]
+
+
+def test_default_runtime_dir_unusable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(conf.tempfile, "gettempdir", lambda: str(blocker))
+    with override_settings(
+        STAGEHAND={"queues": {"default": 1, "mailers": 1}},
+        STAGEHAND_RUNTIME_DIR=None,
+    ):
+        directory = conf.runtime_dir()
+        try:
+            with pytest.raises(ImproperlyConfigured) as raised:
+                lifecycle.start()
+        finally:
+            lifecycle.stop()
+    assert str(raised.value) == (
+        f"The default runtime directory {directory!r} cannot hold Stagehand's "
+        f"control socket: [Errno 20] Not a directory: {directory!r}. Set "
+        "STAGEHAND_RUNTIME_DIR to an absolute path that this user can create."
+    )
+    assert stagehand.default_instance() is None
+
+
+@pytest.mark.parametrize("argv", [["manage.py", "runserver"], ["gunicorn"]])
+def test_control_socket_error_logged(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A directory where the control socket goes makes the plugin fail to
+    # start. Checks cannot see it, so install() logs it in every process.
+    runtime = tmp_path / "runtime"
+    socket_path = runtime / f"{os.getpid()}.sock"
+    socket_path.mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", argv)
+    with override_settings(
+        STAGEHAND={"queues": {"default": 1, "mailers": 1}},
+        STAGEHAND_RUNTIME_DIR=str(runtime),
+        STAGEHAND_AUTOSTART=True,
+    ):
+        try:
+            with caplog.at_level(logging.ERROR):
+                lifecycle.install()
+        finally:
+            lifecycle.stop()
+    # The instance also logs the plugin's error, with its traceback.
+    logged = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "stagehand_django.lifecycle"
+    ]
+    assert logged == [
+        f"Stagehand was not started: STAGEHAND_RUNTIME_DIR {str(runtime)!r} cannot "
+        "hold Stagehand's control socket: [Errno 21] Is a directory: "
+        f"{str(socket_path)!r}. Set STAGEHAND_RUNTIME_DIR to an absolute path that "
+        "this user can create, or remove the setting to use the default."
+    ]
+    assert stagehand.default_instance() is None

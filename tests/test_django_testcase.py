@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import unittest
 from collections.abc import Iterator
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.test import SimpleTestCase, override_settings
+from django.test import (
+    LiveServerTestCase,
+    SimpleTestCase,
+    TransactionTestCase,
+    override_settings,
+)
+from django_project.shop.workers import FileWorker, NoteWorker
 
 import stagehand
-from django_project.shop.workers import FileWorker, NoteWorker
 from stagehand_django import lifecycle
 
 # stagehand.testing is built alongside this module; skip until it lands.
 pytest.importorskip("stagehand.testing")
 
-from stagehand_django.test import (  # noqa: E402
+from stagehand import testing
+from stagehand_django.test import (
     StagehandTestCase,
     StagehandTestMixin,
     default_test_instance,
-    stagehand_jobs,  # noqa: F401 - the fixture, used by name below
 )
 
 
@@ -83,10 +89,53 @@ class MixinTests(StagehandTestMixin, SimpleTestCase):
         self.assertEnqueued(worker="django_project.shop.workers.FileWorker")
 
 
+def _run_case(base: type[TransactionTestCase]) -> unittest.TestResult:
+    # The class is built here, not at module level, so pytest does not collect
+    # it. The tests use no database, so TransactionTestCase flushes none.
+    class Case(StagehandTestMixin, base):  # type: ignore[valid-type,misc]
+        databases: frozenset[str] = frozenset()
+        host = "127.0.0.1"
+
+        def test_first(self) -> None:
+            NoteWorker.new({"text": "first"}).insert()
+            self.assertEnqueuedCount(1, worker=NoteWorker)
+
+        def test_second(self) -> None:
+            NoteWorker.new({"text": "second"}).insert()
+            self.assertEnqueuedCount(1, worker=NoteWorker)
+
+    # A job left over from before the case must not reach its first test.
+    NoteWorker.new({"text": "left over from before the case"}).insert()
+    result = unittest.TestResult()
+    unittest.defaultTestLoader.loadTestsFromTestCase(Case).run(result)
+    return result
+
+
+@pytest.mark.parametrize("base", [TransactionTestCase, LiveServerTestCase])
+def test_mixin_on_transaction_test_cases(base: type[TransactionTestCase]) -> None:
+    # Django 5.2 made _pre_setup a classmethod, which setUpClass calls.
+    result = _run_case(base)
+
+    assert [text for _, text in result.errors] == []
+    assert [text for _, text in result.failures] == []
+    assert result.testsRun == 2
+
+
 def test_pytest_fixture_resets(stagehand_jobs: stagehand.Stagehand) -> None:
     assert stagehand_jobs is stagehand.default_instance()
     NoteWorker.new({"text": "a"}).insert()
     assert [job.args["text"] for job in stagehand_jobs.jobs()] == ["a"]
+
+
+def test_pytest_fixture_from_plugin(request: pytest.FixtureRequest) -> None:
+    # The pytest plugin that Stagehand installs provides the fixture: this
+    # module neither imports it nor loads stagehand_django.test as a plugin.
+    NoteWorker.new({"text": "left over"}).insert()
+
+    instance = request.getfixturevalue("stagehand_jobs")
+
+    assert instance is stagehand.default_instance()
+    assert testing.recorded_jobs(instance) == []
 
 
 def test_without_a_testing_instance_the_error_says_what_to_set() -> None:

@@ -295,6 +295,26 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*fixture 'stagehand_instance' not found*"])
 
 
+def test_jobs_fixture_without_django(pytester: pytest.Pytester) -> None:
+    # A new process, because a full run has set Django up in this one.
+    pytester.makepyfile(
+        """
+        def test_needs_django(stagehand_jobs):
+            pass
+        """
+    )
+
+    result = pytester.runpytest_subprocess("-p", "no:django", "-p", "no:cacheprovider")
+
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*stagehand_jobs needs Django set up, and it is not; install "
+            "pytest-django and set DJANGO_SETTINGS_MODULE (or pass --ds)"
+        ]
+    )
+
+
 def test_importing_plugin_has_no_side_effects() -> None:
     code = textwrap.dedent(
         """
@@ -305,6 +325,7 @@ def test_importing_plugin_has_no_side_effects() -> None:
         assert threading.active_count() == before, threading.enumerate()
         assert stagehand.default_instance() is None
         assert "stagehand.testing" not in sys.modules
+        assert "django" not in sys.modules
         """
     )
 

@@ -896,6 +896,37 @@ def test_drain_rejects_unknown_queue(manual: stagehand.Stagehand) -> None:
         drain_queue("reports", manual)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"with_scheduled": "no"},
+            "drain_queue() with_scheduled must be True or False; got 'no'. "
+            "Pass with_scheduled=True or leave it out.",
+        ),
+        (
+            {"with_recursion": 1},
+            "drain_queue() with_recursion must be True or False; got 1. "
+            "Pass with_recursion=True or leave it out.",
+        ),
+    ],
+    ids=["with_scheduled", "with_recursion"],
+)
+def test_drain_rejects_non_bool_flags(
+    manual: stagehand.Stagehand, flags: dict[str, Any], message: str
+) -> None:
+    # "no" is true, so before the check it ran the job that is due later.
+    later = EchoWorker.new({"label": "later"}, schedule_in=3600).insert(manual)
+
+    with pytest.raises(InvalidOption) as raised:
+        drain_queue("default", manual, **flags)
+
+    assert str(raised.value) == message
+    assert later.state == "scheduled"
+    assert later.attempt == 0
+    assert _labels() == []
+
+
 def test_drain_inline_instance_runs_nothing(inline: stagehand.Stagehand) -> None:
     OutcomeWorker.new({"outcome": "snooze"}).insert(inline)
 
