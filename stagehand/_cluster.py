@@ -257,6 +257,35 @@ class Cluster:
             "peers": self.members(),
         }
 
+    def local_status(self) -> dict[str, Any]:
+        """Return this peer's id, instance name, leadership and queues."""
+        instance = self.instance
+        return {
+            "peer": self.peer_id,
+            "instance": instance.name,
+            "leader": instance.leadership.is_leader,
+            "queues": [instance.check_queue(name) for name in instance.queues],
+        }
+
+    def survey(self) -> list[dict[str, Any]]:
+        """Ask every member for its `local_status`; add this peer's own.
+
+        A member that does not answer is listed with its ``error``.
+        """
+        with self._lock:
+            members = list(self._members.values())
+        statuses = [self.local_status()]
+        for member in members:
+            try:
+                statuses.append(
+                    member.connection.request(
+                        {"type": "status"}, self.settings.request_timeout
+                    )
+                )
+            except ChannelError as error:
+                statuses.append({"peer": member.peer_id, "error": str(error)})
+        return sorted(statuses, key=lambda status: status["peer"])
+
     def members(self) -> list[str]:
         """Return the peer ids of the members, not counting this peer."""
         with self._lock:
@@ -675,6 +704,8 @@ class Cluster:
         if kind == "state":
             self.leadership.receive_state(message["key"], message["value"])
             return {}
+        if kind == "status":
+            return self.local_status()
         return {"error": f"unknown request type {kind!r}"}
 
     def _on_join(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:

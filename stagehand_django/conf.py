@@ -63,7 +63,8 @@ _HINTS = {
     "leader_lock": 'Use an absolute path, such as BASE_DIR / "stagehand.lock".',
     "testing": 'Use "disabled" to run jobs, or "manual" or "inline" in tests.',
     "shutdown_grace_period": "Use a number of seconds, such as 15.",
-    "cluster": "Remove the key: this version runs one process per instance.",
+    "cluster": 'Use a dict such as {"name": "shop", "secret": '
+    'os.environ["STAGEHAND_SECRET"]}; see docs/cluster.md.',
     "clock": "Use a stagehand.Clock, such as stagehand.FakeClock(), or remove it.",
     "retention_period": "Use a number of seconds, such as 300.",
     "retention_limit": "Use an int >= 0, such as 10000.",
@@ -230,8 +231,37 @@ def _stagehand_problems(value: object) -> list[Problem]:
         relative = _leader_lock_problems(value[key]) if key == "leader_lock" else []
         found.extend(relative or _value_problems(key, value[key]))
     if not found:
+        found.extend(_cluster_problems(value))
+    if not found:
         found.extend(_instance_problems(value))
     return found
+
+
+def _cluster_problems(value: Mapping[str, Any]) -> list[Problem]:
+    # The settings that cluster mode rules out, each valid on its own.
+    if value.get("cluster") is None:
+        return []
+    testing = value.get("testing", "disabled")
+    if testing != "disabled":
+        return [
+            Problem(
+                id="stagehand.E004",
+                msg=f"STAGEHAND['cluster'] needs testing='disabled'; got "
+                f"testing={testing!r}",
+                hint="Remove 'cluster' from STAGEHAND in the settings that tests "
+                "use, or set testing to 'disabled'.",
+            )
+        ]
+    if value.get("leader_lock") is not None:
+        return [
+            Problem(
+                id="stagehand.E004",
+                msg="STAGEHAND has both 'cluster' and 'leader_lock'",
+                hint="Remove 'leader_lock': the peers of a cluster elect their "
+                "cron leader themselves.",
+            )
+        ]
+    return []
 
 
 def _leader_lock_problems(value: object) -> list[Problem]:

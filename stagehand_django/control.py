@@ -67,7 +67,8 @@ os.register_at_fork(after_in_child=_close_inherited)
 
 def status_report(instance: Stagehand) -> dict[str, Any]:
     """Return the live state of `instance` and its process, as JSON values."""
-    return {
+    cluster = instance.check_cluster()
+    report: dict[str, Any] = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": " ".join(sys.argv[:2]),
@@ -75,10 +76,15 @@ def status_report(instance: Stagehand) -> dict[str, Any]:
         "running": instance.running,
         "testing": instance.testing,
         "leader": instance.leadership.is_leader,
-        "peers": [],
+        "peers": [] if cluster is None else cluster["peers"],
         "version": stagehand.__version__,
         "queues": [instance.check_queue(name) for name in instance.queues],
+        "cluster": cluster,
     }
+    if cluster is not None and instance._cluster is not None:
+        # The live state of every peer of the cluster, on any host.
+        cluster["survey"] = instance._cluster.survey()
+    return report
 
 
 def prepare_directory(directory: str) -> None:

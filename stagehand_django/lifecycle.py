@@ -223,9 +223,10 @@ def _build() -> stagehand.Stagehand:
             raise _runtime_dir_error(directory, error) from error
         control = (_RuntimeDirControlPlugin, {"directory": directory})
         kwargs["plugins"] = [*(kwargs.get("plugins") or ()), control]
-        if "leader_lock" not in kwargs:
+        if "leader_lock" not in kwargs and "cluster" not in kwargs:
             # The processes of this project on this host elect one cron
-            # leader, so forked server workers do not each run cron.
+            # leader, so forked server workers do not each run cron. The
+            # peers of a cluster elect theirs over the network instead.
             kwargs["leader_lock"] = os.path.join(directory, "leader.lock")
     try:
         return stagehand.Stagehand(**kwargs)

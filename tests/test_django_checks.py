@@ -536,3 +536,54 @@ def test_control_socket_error_logged(
         "this user can create, or remove the setting to use the default."
     ]
     assert stagehand.default_instance() is None
+
+
+CLUSTER = {"name": "shop", "secret": "a secret of enough length", "bind": "127.0.0.1:0"}
+
+
+@override_settings(STAGEHAND={"cluster": CLUSTER}, TASKS={})
+def test_cluster_setting_passes() -> None:
+    assert stagehand_errors() == []
+
+
+@override_settings(STAGEHAND={"cluster": CLUSTER, "testing": "manual"}, TASKS={})
+def test_cluster_with_testing_mode_e004() -> None:
+    assert stagehand_errors() == [
+        (
+            "stagehand.E004",
+            "STAGEHAND['cluster'] needs testing='disabled'; got testing='manual'",
+            "Remove 'cluster' from STAGEHAND in the settings that tests use, or "
+            "set testing to 'disabled'.",
+        )
+    ]
+
+
+@override_settings(
+    STAGEHAND={"cluster": CLUSTER, "leader_lock": "/tmp/stagehand-test.lock"},
+    TASKS={},
+)
+def test_cluster_with_leader_lock_e004() -> None:
+    assert stagehand_errors() == [
+        (
+            "stagehand.E004",
+            "STAGEHAND has both 'cluster' and 'leader_lock'",
+            "Remove 'leader_lock': the peers of a cluster elect their cron leader "
+            "themselves.",
+        )
+    ]
+
+
+@override_settings(STAGEHAND={"cluster": {"name": "shop"}}, TASKS={})
+def test_cluster_without_secret_e004() -> None:
+    [(error_id, message, hint)] = stagehand_errors()
+    assert error_id == "stagehand.E004"
+    assert message.startswith("STAGEHAND['cluster'] is invalid: cluster secret")
+    assert "docs/cluster.md" in hint
+
+
+@override_settings(STAGEHAND={"cluster": CLUSTER, "testing": "disabled"}, TASKS={})
+def test_cluster_instance_has_no_leader_lock(tmp_path: Path) -> None:
+    with override_settings(STAGEHAND_RUNTIME_DIR=str(tmp_path / "run")):
+        instance = lifecycle._build()
+    assert instance.settings.leader_lock is None
+    assert instance.check_cluster() is not None

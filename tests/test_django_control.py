@@ -88,3 +88,38 @@ def test_sockets_of_exited_processes_are_removed(tmp_path: Path) -> None:
 def test_missing_directory_is_reported(tmp_path: Path) -> None:
     survey = query_all(str(tmp_path / "absent"))
     assert (survey.reports, survey.removed, survey.failures) == ([], [], [])
+
+
+def test_status_shows_every_peer_of_a_cluster(tmp_path: Path) -> None:
+    from stagehand_django.control import Survey
+    from stagehand_django.management.commands.stagehand_status import _as_text
+
+    cluster = {
+        "name": "status-test",
+        "secret": "a secret of enough length",
+        "bind": "127.0.0.1:0",
+        "discovery": [],
+    }
+    first = stagehand.Stagehand(name="status-first", cluster=cluster).start()
+    second = stagehand.Stagehand(
+        name="status-second",
+        cluster={**cluster, "discovery": [first.check_cluster()["address"]]},  # type: ignore[index]
+    ).start()
+    control = ControlServer(str(tmp_path / "run"), first)
+    try:
+        reply = ask(control.path, b'{"op": "status"}\n')
+    finally:
+        control.close()
+        second.stop()
+        first.stop()
+
+    ids = sorted([reply["cluster"]["peer"], *reply["peers"]])
+    assert reply["cluster"]["name"] == "status-test"
+    assert [peer["peer"] for peer in reply["cluster"]["survey"]] == ids
+    assert sorted(peer["instance"] for peer in reply["cluster"]["survey"]) == [
+        "status-first",
+        "status-second",
+    ]
+    text = _as_text(Survey(directory=str(tmp_path), reports=[reply]))
+    assert f"Cluster 'status-test': 2 peer(s), leader {min(ids)}" in text
+    assert "(instance 'status-second')" in text

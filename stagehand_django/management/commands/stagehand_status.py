@@ -115,14 +115,44 @@ def _as_text(survey: Survey) -> str:
         role = "cron leader" if report.get("leader") else "follower"
         state = "running" if report.get("running") else "stopping"
         lines.append("")
+        peer = report.get("cluster") or {}
         lines.append(
             f"pid {report['pid']} on {report['host']} ({report['command']}): "
-            f"{state}, {role}, peers: {', '.join(report['peers']) or 'none'}"
+            f"{state}, {role}"
+            + (f", cluster peer {peer['peer']}" if peer else "")
+            + f", peers: {', '.join(report['peers']) or 'none'}"
         )
         lines.extend(_table(report["queues"]))
+    lines.extend(_cluster_lines(survey))
     for failure in survey.failures:
         lines.append(f"unreachable: {failure}")
     return "\n".join(lines)
+
+
+def _cluster_lines(survey: Survey) -> list[str]:
+    # Every peer of a cluster reports the whole cluster, so the first report
+    # that has one is shown.
+    cluster = next(
+        (report["cluster"] for report in survey.reports if report.get("cluster")),
+        None,
+    )
+    if cluster is None:
+        return []
+    peers = cluster.get("survey", [])
+    lines = [
+        "",
+        f"Cluster {cluster['name']!r}: {len(peers)} peer(s), leader "
+        f"{cluster['leader']}",
+    ]
+    for peer in peers:
+        lines.append("")
+        if "error" in peer:
+            lines.append(f"peer {peer['peer']}: unreachable: {peer['error']}")
+            continue
+        role = "cron leader" if peer.get("leader") else "follower"
+        lines.append(f"peer {peer['peer']} (instance {peer['instance']!r}): {role}")
+        lines.extend(_table(peer["queues"]))
+    return lines
 
 
 def _table(queues: list[dict[str, Any]]) -> list[str]:
