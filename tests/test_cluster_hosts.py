@@ -1,7 +1,7 @@
 """Two cluster peers on two network hosts, made of namespaces and a veth pair.
 
 The test creates two network namespaces joined by a veth pair with the
-addresses 10.231.<n>.1 and .2, runs one peer in each, and removes the
+addresses 10.231.0.1 and 10.231.0.2, runs one peer in each, and removes the
 namespaces afterwards. The peers find each other with real mDNS over that
 link, and no packet leaves the namespaces. It needs root and iproute2, and
 is skipped without them.
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs root and iproute2 to create network namespaces",
 )
 
-# One peer that answers commands read from stdin, one JSON line each.
+# One peer that handles commands read from stdin, and prints one JSON line
+# for each.
 PEER = """
 import json, sys
 import stagehand
@@ -52,8 +53,8 @@ for line in sys.stdin:
     elif command[0] == "insert":
         jobs = [EchoWorker.new({"value": n}, unique={"period": 600}).insert(peer)
                 for n in range(int(command[1]))]
-        here = [job.id for job in jobs if peer.get_job(job.id) is not None]
-        print(json.dumps({"ids": [job.id for job in jobs], "here": here}), flush=True)
+        local = [job.id for job in jobs if peer.get_job(job.id) is not None]
+        print(json.dumps({"ids": [job.id for job in jobs], "local": local}), flush=True)
     elif command[0] == "ids":
         print(json.dumps(sorted(job.id for job in peer.jobs())), flush=True)
     elif command[0] == "stop":
@@ -135,7 +136,7 @@ class Peer:
         return self.read()
 
     def wait_for_peers(self, count: int) -> None:
-        # No event crosses the process boundary, so this asks again every
+        # No event crosses the process boundary, so this checks again every
         # 10 ms, as tests.support.wait_until does within a process.
         deadline = time.monotonic() + HANG_GUARD
         while len(self.ask("status")["peers"]) != count:
@@ -152,7 +153,7 @@ class Peer:
                 stream.close()
 
 
-def test_peers_on_two_hosts_share_and_hand_over_jobs(
+def test_two_hosts_share_jobs(
     hosts: list[tuple[str, str]],
 ) -> None:
     cluster = unique_name("hosts")
@@ -167,7 +168,7 @@ def test_peers_on_two_hosts_share_and_hand_over_jobs(
         assert second.ask("status")["peers"] == [first.status["peer"]]
 
         inserted = first.ask("insert 20")
-        remote = sorted(set(inserted["ids"]) - set(inserted["here"]))
+        remote = sorted(set(inserted["ids"]) - set(inserted["local"]))
         # The second host owns some of the 20 fingerprints.
         assert 0 < len(remote) < 20
         assert second.ask("ids") == remote
