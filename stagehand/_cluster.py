@@ -437,6 +437,9 @@ class Cluster:
 
     def _lost(self, member: _Member) -> None:
         # In the connection's reader thread, once it has closed.
+        # NOTE: a peer whose connection breaks while both processes live is
+        # not joined again until it announces itself anew (mDNS) or joins
+        # this peer (address lists).
         with self._lock:
             if self._members.get(member.peer_id) is not member:
                 return
@@ -830,6 +833,8 @@ def _apply_reply(job: Job, reply: dict[str, Any]) -> Job:
 def _entry_job(data: dict[str, Any]) -> Job:
     # A unique entry for a job on another peer: a detached record used for
     # the duplicate check and for the copy that a conflicting insert returns.
+    # NOTE: its state stays as it was when the entry moved; the job's later
+    # changes on its own peer do not reach it.
     return Job(
         worker=data["worker"],
         args=data["args"],
