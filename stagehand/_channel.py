@@ -43,6 +43,7 @@ from stagehand.exceptions import InvalidOption, StagehandError
 __all__ = [
     "AuthenticationFailed",
     "ChannelError",
+    "NotDelivered",
     "ChannelServer",
     "Connection",
     "Handler",
@@ -72,6 +73,14 @@ class ChannelError(StagehandError):
 
 class AuthenticationFailed(ChannelError):
     """The remote peer has a different cluster name or secret."""
+
+
+class NotDelivered(ChannelError):
+    """A request was not sent, because the connection had failed or closed.
+
+    Any other `ChannelError` from `Connection.request` leaves it unknown
+    whether the peer received and handled the request.
+    """
 
 
 class _ProtocolError(ChannelError):
@@ -169,6 +178,7 @@ class _Link:
 
     def __init__(self, sock: socket.socket, remote: str, max_frame: int) -> None:
         self.sock = sock
+        self.local_host = sock.getsockname()[0]
         self.remote = remote
         self.max_frame = max_frame
         self._send_lock = threading.Lock()
@@ -367,6 +377,11 @@ class Connection:
         """The peer id that the server proved during the handshake."""
         return self._remote_peer_id
 
+    @property
+    def local_host(self) -> str:
+        """The local address of this connection: the one the peer sees."""
+        return str(self._link.local_host)
+
     def request(self, message: Message, timeout: float) -> Message:
         """Send `message` and wait for the peer's reply.
 
@@ -396,7 +411,7 @@ class Connection:
         pending = _Pending()
         with self._lock:
             if self._error is not None:
-                raise ChannelError(self._error)
+                raise NotDelivered(self._error)
             self._pending[rid] = pending
         try:
             self._link.send_frame(frame)

@@ -39,11 +39,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from stagehand._channel import ChannelError, ChannelServer, Connection, connect
+from stagehand import _options
+from stagehand._channel import (
+    ChannelError,
+    ChannelServer,
+    Connection,
+    NotDelivered,
+    connect,
+)
 from stagehand._job import Job, JobState
 from stagehand._leadership import Leadership
 from stagehand._rendezvous import ranked
-from stagehand._unique import fingerprint
+from stagehand._unique import RemoteEntry, fingerprint
 from stagehand._wire import job_from_wire, job_to_wire
 from stagehand.exceptions import (
     InvalidOption,
@@ -71,6 +78,9 @@ _KEYS = frozenset(
         "request_timeout",
     }
 )
+# Seconds between the attempts to join a peer again after its connection
+# was lost; about 7.6 s in all.
+_REJOIN_DELAYS = (0.1, 0.5, 1.0, 2.0, 4.0)
 # Jobs per adopt request: about 300 bytes each in JSON, well under the
 # channel's frame limit of 1 MiB.
 _BATCH = 1000
@@ -197,10 +207,21 @@ class ClusterLeadership(Leadership):
 
     def save_state(self, key: str, value: Any) -> None:
         self._state[key] = value
-        self._cluster.broadcast({"type": "state", "key": key, "value": value})
+        # In a thread of its own: the caller (cron) holds its lock, and a
+        # slow member would hold it up.
+        threading.Thread(
+            target=self._cluster.broadcast,
+            args=({"type": "state", "key": key, "value": value},),
+            name="stagehand-cluster-state",
+            daemon=True,
+        ).start()
 
     def receive_state(self, key: str, value: Any) -> None:
         self._state[key] = value
+
+    def state(self) -> dict[str, Any]:
+        """Return a copy of every saved value, for a peer that joins."""
+        return dict(self._state)
 
 
 class Cluster:
@@ -220,6 +241,8 @@ class Cluster:
         self._leaving = False
         self._synced = threading.Event()
         self._closed = False
+        # Set by withdraw() and close(): ends the waits of reconnections.
+        self._stopping = threading.Event()
         host, port = settings.bind
         self._server = ChannelServer(
             settings.secret,
@@ -236,12 +259,8 @@ class Cluster:
 
     @property
     def address(self) -> tuple[str, int]:
-        """The address of this peer's channel."""
-        host, port = self._server.address
-        if host == "0.0.0.0":
-            # Peers that read it from a join message need a reachable one.
-            host = self.settings.bind[0]
-        return host, port
+        """The address of this peer's channel, as bound (host may be 0.0.0.0)."""
+        return self._server.address
 
     def status(self) -> dict[str, Any]:
         """Return the dict that `Stagehand.check_cluster` describes."""
@@ -270,7 +289,7 @@ class Cluster:
     def survey(self) -> list[dict[str, Any]]:
         """Ask every member for its `local_status`; add this peer's own.
 
-        A member that does not answer is listed with its ``error``.
+        A member that does not reply is listed with its ``error``.
         """
         with self._lock:
             members = list(self._members.values())
@@ -319,7 +338,7 @@ class Cluster:
         else:
             assert not isinstance(settings.discovery, str)
             for address in settings.discovery:
-                self._join(address)
+                self._join_in_background(address, "{}:{}".format(*address))
         deadline = time.monotonic() + settings.join_timeout
         with self._joins_done:
             while self._joining:
@@ -346,27 +365,41 @@ class Cluster:
 
     def _discovered(self, peer: PeerAddress) -> None:
         # In zeroconf's browser thread, which must not block on a connect.
-        threading.Thread(
-            target=self._join,
-            args=((peer.host, peer.port),),
-            name=f"stagehand-cluster-join-{peer.peer_id}",
-            daemon=True,
-        ).start()
+        self._join_in_background((peer.host, peer.port), peer.peer_id)
 
     def _undiscovered(self, peer_id: str) -> None:
-        # The peer said goodbye over mDNS. Its connection closes too, and
+        # The peer sent an mDNS goodbye. Its connection closes too, and
         # that removes it; the leave message usually comes first.
         logger.debug("peer %s left discovery", peer_id)
 
+    def _join_in_background(self, address: tuple[str, int], label: str) -> None:
+        # The address counts as being joined at once, so that start() waits
+        # for it, and each join has its own thread, so that a slow peer
+        # delays no other join and start() waits join_timeout at most.
+        if self._claim(address):
+            threading.Thread(
+                target=self._join_claimed,
+                args=(address,),
+                name=f"stagehand-cluster-join-{label}",
+                daemon=True,
+            ).start()
+
     def _join(self, address: tuple[str, int]) -> None:
-        # Connects to the peer at `address`, asks it for the unique entries
-        # this peer owns now, and joins the peers it knows in turn.
+        # Connects to the peer at `address`, requests the unique entries this
+        # peer owns now, and joins the peers on the list it returns.
+        if self._claim(address):
+            self._join_claimed(address)
+
+    def _claim(self, address: tuple[str, int]) -> bool:
         with self._lock:
             if self._closed or self._leaving or address in self._joining:
-                return
+                return False
             if any(member.address == address for member in self._members.values()):
-                return
+                return False
             self._joining.add(address)
+            return True
+
+    def _join_claimed(self, address: tuple[str, int]) -> None:
         try:
             self._join_one(address)
         except Exception:
@@ -377,12 +410,19 @@ class Cluster:
                 self._joins_done.notify_all()
 
     def _join_one(self, address: tuple[str, int]) -> None:
+        # The join goes over the member's connection even when the peer
+        # connected to this one first, so that its entries and peers arrive.
         member = self._connect(address)
         if member is None:
             return
+        host, port = self.address
+        if host == "0.0.0.0":
+            # The address this connection leaves from reaches this peer from
+            # the other one.
+            host = member.connection.local_host
         try:
             reply = member.connection.request(
-                {"type": "join", "address": list(self.address)},
+                {"type": "join", "address": [host, port]},
                 self.settings.request_timeout,
             )
         except ChannelError as error:
@@ -394,15 +434,26 @@ class Cluster:
             logger.info("peer %s declined the join: %s", member.peer_id, reply["error"])
             self._drop(member)
             return
-        self._receive_entries(reply.get("entries", []))
-        for peer_id, host, port in reply.get("peers", []):
+        try:
+            self._receive_entries(member.peer_id, _list(reply, "entries"))
+            for key, value in _dict(reply, "state").items():
+                if self.leadership.load_state(key) is None:
+                    self.leadership.receive_state(key, value)
+            peers = [_peer_entry(entry) for entry in _list(reply, "peers")]
+        except _Malformed as error:
+            logger.warning(
+                "peer %s sent a malformed join reply: %s", member.peer_id, error
+            )
+            return
+        for peer_id, peer_address in peers:
             if peer_id != self.peer_id and peer_id not in self.members():
-                self._join((host, port))
+                self._join(peer_address)
         self._update_leader()
 
     def _connect(self, address: tuple[str, int]) -> _Member | None:
-        # Returns the new member, or None when the address is this peer or
-        # a known member, or cannot be reached.
+        # Returns the member at `address`, connecting to it if it is not a
+        # member yet, or None when the address is this peer's own or
+        # cannot be reached.
         holder: list[_Member] = []
         settings = self.settings
 
@@ -425,30 +476,59 @@ class Cluster:
         peer_id = connection.remote_peer_id
         member = _Member(peer_id, address, connection)
         with self._lock:
-            known = peer_id == self.peer_id or peer_id in self._members
-            if not known and not self._closed:
+            existing = self._members.get(peer_id)
+            if peer_id != self.peer_id and existing is None and not self._closed:
                 self._members[peer_id] = member
                 holder.append(member)
         if not holder:
             connection.close()
-            return None
+            return existing
         logger.info("peer %s joined peer %s at %s:%d", self.peer_id, peer_id, *address)
         return member
 
     def _lost(self, member: _Member) -> None:
-        # In the connection's reader thread, once it has closed.
-        # NOTE: a peer whose connection breaks while both processes live is
-        # not joined again until it announces itself anew (mDNS) or joins
-        # this peer (address lists).
+        # In the connection's reader thread, once it has closed. A member
+        # that said it is leaving was removed before, so this one is gone
+        # without a word: dead, or cut off. Joining it again tells which.
         with self._lock:
             if self._members.get(member.peer_id) is not member:
                 return
             del self._members[member.peer_id]
-        if not self._closed:
-            logger.info(
-                "peer %s lost its connection to peer %s", self.peer_id, member.peer_id
-            )
+            stopping = self._closed or self._leaving
         self._update_leader()
+        if stopping:
+            return
+        logger.warning(
+            "peer %s lost its connection to peer %s; trying to join it again",
+            self.peer_id,
+            member.peer_id,
+        )
+        threading.Thread(
+            target=self._rejoin,
+            args=(member,),
+            name=f"stagehand-cluster-rejoin-{member.peer_id}",
+            daemon=True,
+        ).start()
+
+    def _rejoin(self, lost: _Member) -> None:
+        # A few attempts, further and further apart; a peer that has died
+        # refuses them all.
+        for delay in _REJOIN_DELAYS:
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if lost.peer_id in self._members:
+                    return  # it joined this peer meanwhile
+            self._join(lost.address)
+            with self._lock:
+                if lost.peer_id in self._members:
+                    return
+        logger.warning(
+            "peer %s gave up joining peer %s at %s:%d again; it counts as gone",
+            self.peer_id,
+            lost.peer_id,
+            *lost.address,
+        )
 
     def _drop(self, member: _Member) -> None:
         member.connection.close()  # its on_close removes it
@@ -486,15 +566,16 @@ class Cluster:
             candidates = [self.peer_id, *self._members]
         for owner in ranked(key, candidates):
             if owner == self.peer_id:
-                return insert_here(job)
+                return self.insert_owned(job, insert_here)
             with self._lock:
                 member = self._members.get(owner)
             if member is None:
                 continue
             try:
+                # The owner may wait up to join_timeout for its join to end.
                 reply = member.connection.request(
                     {"type": "insert", "job": _new_job_to_wire(job)},
-                    self.settings.request_timeout,
+                    self.settings.request_timeout + self.settings.join_timeout,
                 )
             except ValueError as error:
                 # Nothing was sent: the job does not fit in one frame.
@@ -504,30 +585,97 @@ class Cluster:
                     owner,
                     error,
                 )
-                return insert_here(job)
-            except ChannelError as error:
-                # The owner may have inserted it before the reply was lost;
-                # a duplicate is then possible, as with any crash.
+                return self.insert_owned(job, insert_here)
+            except NotDelivered as error:
                 logger.warning(
-                    "unique job for %s not routed to its owner %s: %s",
+                    "unique job for %s not sent to its owner %s: %s",
                     job.worker,
                     owner,
                     error,
                 )
                 continue
+            except ChannelError as error:
+                # The owner may have inserted the job before the reply was
+                # lost, so inserting it elsewhere could make two.
+                raise StagehandError(
+                    f"unique job for {job.worker} was sent to its owner peer "
+                    f"{owner}, which did not answer: {error}. It may have been "
+                    "inserted there, so it was not inserted on another peer; "
+                    f"look for it on {owner} before inserting it again"
+                ) from None
             if reply.get("error") == "leaving":
                 continue
+            if "refused" in reply:
+                logger.warning(
+                    "peer %s refused unique job for %s: %s; trying the next peer",
+                    owner,
+                    job.worker,
+                    reply["refused"],
+                )
+                continue
             if "error" in reply:
-                raise StagehandError(f"peer {owner} rejected the job: {reply['error']}")
+                raise StagehandError(
+                    f"peer {owner} failed to insert the job: {reply['error']}"
+                )
             return _apply_reply(job, reply)
+        return self.insert_owned(job, insert_here)
+
+    def insert_owned(self, job: Job, insert_here: Callable[[Job], Job]) -> Job:
+        """Insert a unique job that this peer owns, with `insert_here`.
+
+        Before the duplicate check, an entry for a job on another peer gets
+        that job's current state from it.
+        """
+        key = fingerprint(job)
+        entry = self.instance._unique.peek(key)
+        if isinstance(entry, RemoteEntry):
+            self._refresh(key, entry)
         return insert_here(job)
 
-    def _receive_entries(self, entries: list[dict[str, Any]]) -> None:
+    def _refresh(self, key: str, entry: RemoteEntry) -> None:
+        with self._lock:
+            member = self._members.get(entry.holder)
+        state: object = None
+        if member is not None:
+            try:
+                reply = member.connection.request(
+                    {"type": "job_state", "id": entry.id}, self.settings.request_timeout
+                )
+                state = reply.get("state")
+            except ChannelError as error:
+                logger.warning(
+                    "peer %s did not report the state of job %s: %s; its entry "
+                    "keeps blocking duplicates",
+                    entry.holder,
+                    entry.id,
+                    error,
+                )
+                return
+        if state is None:
+            # The holder is gone (a crash loses its jobs; a graceful stop
+            # hands unique jobs to their owner, which records them), or the
+            # job ended and left its retention.
+            self.instance._unique.discard(key, entry)
+            return
+        try:
+            entry.state = JobState(str(state))
+        except ValueError:
+            logger.warning("peer %s reported an unknown state %r", entry.holder, state)
+
+    def _receive_entries(self, sender: str, entries: list[Any]) -> None:
         table = self.instance._unique
         timer = self.instance.clock.monotonic
         for entry in entries:
-            job = _entry_job(entry["job"])
-            table.put(entry["fingerprint"], job, timer() + entry["expires_in"])
+            try:
+                key, job, expires_in = _entry_from_wire(entry, sender)
+            except (StagehandError, TypeError, ValueError) as error:
+                logger.warning(
+                    "peer %s sent an invalid unique entry, which was skipped: %s",
+                    sender,
+                    error,
+                )
+                continue
+            table.put(key, job, timer() + expires_in)
 
     def _entries_owned_by(
         self, owners: list[str], keep: Callable[[str], bool]
@@ -538,11 +686,16 @@ class Cluster:
         now = self.instance.clock.now()
         moving: dict[str, list[dict[str, Any]]] = {}
         for key, job in table.take(lambda key: not keep(ranked(key, owners)[0])):
+            expires_in = _expires_in(job, now)
+            if expires_in is None:
+                continue
             owner = ranked(key, owners)[0]
+            holder = job.holder if isinstance(job, RemoteEntry) else self.peer_id
             moving.setdefault(owner, []).append(
                 {
                     "fingerprint": key,
-                    "expires_in": _expires_in(job, now),
+                    "expires_in": expires_in,
+                    "holder": holder,
                     "job": job.to_dict(),
                 }
             )
@@ -554,6 +707,7 @@ class Cluster:
         """Stop taking new work: leave discovery and tell every member."""
         with self._lock:
             self._leaving = True
+        self._stopping.set()
         self.leadership.set_leader(False)
         if self._discovery is not None:
             try:
@@ -629,9 +783,20 @@ class Cluster:
                     [job.id for job in pending],
                 )
                 return len(pending)
+            results = reply.get("results")
+            if not isinstance(results, list) or len(results) != len(pending):
+                logger.error(
+                    "peer %s answered the hand-over of %d jobs with %r; they may "
+                    "be lost: ids %s",
+                    peer_id,
+                    len(pending),
+                    reply.get("error", reply),
+                    [job.id for job in pending],
+                )
+                return len(pending)
             refused = [
                 (job, reason)
-                for job, reason in zip(pending, reply.get("results", []), strict=False)
+                for job, reason in zip(pending, results, strict=True)
                 if reason is not None
             ]
             for job, reason in refused:
@@ -680,6 +845,7 @@ class Cluster:
             self._closed = True
             members = list(self._members.values())
             self._members.clear()
+        self._stopping.set()
         if self._discovery is not None:
             try:
                 self._discovery.close()
@@ -693,6 +859,19 @@ class Cluster:
 
     def _handle(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any] | None:
         kind = message.get("type")
+        try:
+            return self._dispatch(peer_id, kind, message)
+        except _Malformed as error:
+            # An authenticated peer that sends this runs another version or
+            # has a bug; its request changes nothing here.
+            logger.warning(
+                "peer %s sent a malformed %r request: %s", peer_id, kind, error
+            )
+            return {"error": f"malformed {kind!r} request: {error}"}
+
+    def _dispatch(
+        self, peer_id: str, kind: object, message: dict[str, Any]
+    ) -> dict[str, Any]:
         if kind == "join":
             return self._on_join(peer_id, message)
         if kind == "leave":
@@ -702,13 +881,16 @@ class Cluster:
         if kind == "adopt":
             return self._on_adopt(message)
         if kind == "entries":
-            self._receive_entries(message["entries"])
+            self._receive_entries(peer_id, _list(message, "entries"))
             return {}
         if kind == "state":
-            self.leadership.receive_state(message["key"], message["value"])
+            self.leadership.receive_state(_text(message, "key"), message.get("value"))
             return {}
         if kind == "status":
             return self.local_status()
+        if kind == "job_state":
+            job = self.instance.get_job(_text(message, "id"))
+            return {"state": None if job is None else job.state.value}
         return {"error": f"unknown request type {kind!r}"}
 
     def _on_join(self, peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -716,8 +898,7 @@ class Cluster:
             leaving = self._leaving
         if leaving:
             return {"error": "leaving"}
-        host, port = message["address"]
-        address = (str(host), int(port))
+        _, address = _peer_entry([peer_id, *_list(message, "address")])
         with self._lock:
             known = peer_id in self._members
         if not known:
@@ -731,7 +912,11 @@ class Cluster:
             ]
         entries = self._entries_owned_by(owners, lambda owner: owner != peer_id)
         self._update_leader()
-        return {"entries": entries.get(peer_id, []), "peers": peers}
+        return {
+            "entries": entries.get(peer_id, []),
+            "peers": peers,
+            "state": self.leadership.state(),
+        }
 
     def _on_leave(self, peer_id: str) -> dict[str, Any]:
         with self._lock:
@@ -752,18 +937,22 @@ class Cluster:
             logger.warning(
                 "peer %s runs a unique check before its join finished", self.peer_id
             )
-        job = _new_job_from_wire(message["job"])
+        job = _new_job_from_wire(_dict(message, "job"))
         try:
             inserted = self.instance._insert_here(job)
         except (NotRunning, ShuttingDown):
             # stop() began after the check above: the sender tries the next
             # peer in line.
             return {"error": "leaving"}
+        except (StagehandError, TypeError, ValueError) as error:
+            # For example a queue that this peer lacks: the sender tries the
+            # next peer in line.
+            return {"refused": f"{type(error).__name__}: {error}"}
         return {"job": inserted.to_dict(), "conflict": inserted.conflict}
 
     def _on_adopt(self, message: dict[str, Any]) -> dict[str, Any]:
         results: list[str | None] = []
-        for data in message["jobs"]:
+        for data in _list(message, "jobs"):
             try:
                 self.instance._adopt(job_from_wire(data))
             except (StagehandError, TypeError, ValueError) as error:
@@ -796,8 +985,13 @@ def _new_job_to_wire(job: Job) -> dict[str, Any]:
 
 def _new_job_from_wire(data: dict[str, Any]) -> Job:
     # The insert on this peer checks every field, as it checks a Job(...)
-    # built by hand.
-    scheduled_at = data.get("scheduled_at")
+    # built by hand; this checks only what building the Job needs.
+    missing = [name for name in (*_NEW_JOB_FIELDS, "scheduled_at") if name not in data]
+    if missing:
+        raise _Malformed(f"the job lacks {missing}")
+    if not isinstance(data["tags"], list):
+        raise _Malformed(f"tags must be a list; got {data['tags']!r}")
+    scheduled_at = _parse_time(data["scheduled_at"])
     return Job(
         worker=data["worker"],
         args=data["args"],
@@ -808,9 +1002,7 @@ def _new_job_from_wire(data: dict[str, Any]) -> Job:
         max_attempts=data["max_attempts"],
         unique=data["unique"],
         schedule_in=data["schedule_in"],
-        scheduled_at=None
-        if scheduled_at is None
-        else datetime.fromisoformat(scheduled_at),
+        scheduled_at=scheduled_at,
     )
 
 
@@ -830,39 +1022,108 @@ def _apply_reply(job: Job, reply: dict[str, Any]) -> Job:
     return target
 
 
-def _entry_job(data: dict[str, Any]) -> Job:
-    # A unique entry for a job on another peer: a detached record used for
-    # the duplicate check and for the copy that a conflicting insert returns.
-    # NOTE: its state stays as it was when the entry moved; the job's later
-    # changes on its own peer do not reach it.
-    return Job(
-        worker=data["worker"],
-        args=data["args"],
-        queue=data["queue"],
-        meta=data["meta"],
-        tags=tuple(data["tags"]),
-        priority=data["priority"],
-        max_attempts=data["max_attempts"],
-        attempt=data["attempt"],
-        state=JobState(data["state"]),
-        id=data["id"],
-        inserted_at=_parse_time(data["inserted_at"]),
-        scheduled_at=_parse_time(data["scheduled_at"]),
-        unique=data["unique"],
+def _entry_from_wire(entry: object, sender: str) -> tuple[str, RemoteEntry, float]:
+    # A unique entry for a job on another peer: its fingerprint, a detached
+    # record of the job for the duplicate check and for the copy that a
+    # conflicting insert returns, and the seconds it has left.
+    if not isinstance(entry, dict):
+        raise _Malformed(f"an entry must be an object; got {entry!r}")
+    key = _text(entry, "fingerprint")
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise _Malformed(f"fingerprint must be 64 hex digits; got {key!r}")
+    expires_in = entry.get("expires_in")
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, (int, float))
+        or not 0 < expires_in <= 1e9
+    ):
+        raise _Malformed(f"expires_in must be seconds > 0; got {expires_in!r}")
+    holder = entry.get("holder", sender)
+    if not isinstance(holder, str) or not holder:
+        raise _Malformed(f"holder must be a peer id; got {holder!r}")
+    data = _dict(entry, "job")
+    unique = _options.normalize_unique(data.get("unique"))
+    if unique is None:
+        raise _Malformed("the entry's job has no unique settings")
+    job = RemoteEntry(
+        worker=_text(data, "worker"),
+        args=_options.normalize_json_dict(data.get("args"), "args"),
+        queue=_text(data, "queue"),
+        meta=_options.normalize_json_dict(data.get("meta"), "meta"),
+        state=JobState(_text(data, "state")),
+        id=_text(data, "id"),
+        inserted_at=_parse_time(data.get("inserted_at")),
+        unique=unique,
     )
+    job.holder = holder
+    return key, job, float(expires_in)
 
 
-def _expires_in(job: Job, now: datetime) -> float:
-    # Seconds the entry has left: its period counts from the insert. An
-    # entry without expiry gets a billion seconds, since JSON has no
-    # infinity.
-    assert job.unique is not None
+class _Malformed(ValueError):
+    """A request or reply from a peer lacks a field or has a wrong type."""
+
+
+def _list(message: dict[str, Any], key: str) -> list[Any]:
+    value = message.get(key)
+    if not isinstance(value, list):
+        raise _Malformed(f"{key!r} must be a list; got {value!r}")
+    return value
+
+
+def _dict(message: dict[str, Any], key: str) -> dict[str, Any]:
+    value = message.get(key)
+    if not isinstance(value, dict):
+        raise _Malformed(f"{key!r} must be an object; got {value!r}")
+    return value
+
+
+def _text(message: dict[str, Any], key: str) -> str:
+    value = message.get(key)
+    if not isinstance(value, str) or not value:
+        raise _Malformed(f"{key!r} must be a non-empty string; got {value!r}")
+    return value
+
+
+def _peer_entry(entry: object) -> tuple[str, tuple[str, int]]:
+    # [peer id, IPv4 host, port], as join requests and replies carry them.
+    if not isinstance(entry, list) or len(entry) != 3:
+        raise _Malformed(f"a peer must be [id, host, port]; got {entry!r}")
+    peer_id, host, port = entry
+    if not isinstance(peer_id, str) or not isinstance(host, str):
+        raise _Malformed(f"a peer must be [id, host, port]; got {entry!r}")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise _Malformed(
+            f"a peer's host must be an IPv4 address; got {host!r}"
+        ) from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise _Malformed(f"a peer's port must be 1 to 65535; got {port!r}")
+    return peer_id, (host, port)
+
+
+def _expires_in(job: Job, now: datetime) -> float | None:
+    # Seconds the entry has left, its period counted from the insert, or
+    # None for an entry that should not move. An entry without expiry gets a
+    # billion seconds, since JSON has no infinity.
+    if job.unique is None:
+        return None
     period = job.unique["period"]
     if period is None or job.inserted_at is None:
         return 1e9
     left = float(period) - (now - job.inserted_at).total_seconds()
-    return max(left, 0.001)
+    return left if left > 0 else None
 
 
-def _parse_time(value: str | None) -> Any:
-    return None if value is None else datetime.fromisoformat(value)
+def _parse_time(value: object) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Malformed(f"a time must be an ISO 8601 string; got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Malformed(f"not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise _Malformed(f"a time must have a UTC offset; got {value!r}")
+    return parsed

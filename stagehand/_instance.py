@@ -138,6 +138,7 @@ class Stagehand(Control):
         else:
             self.leadership = SoloLeadership()
         self._lifecycle = threading.Lock()
+        self._plugins_lock = threading.Lock()
         self._adopting = threading.Lock()
         self._state = _NEW
         self._stopped = threading.Event()
@@ -344,24 +345,37 @@ class Stagehand(Control):
             self.leadership.forget_after_fork()
 
     def _start_plugins(self) -> None:
-        for plugin in self._plugins:
-            try:
-                plugin.start()
-            except BaseException:
-                # A half-started instance would keep running unowned, so it
-                # stops again before the error reaches the caller.
-                logger.exception(
-                    "plugin %r failed to start; stopping instance %r", plugin, self.name
-                )
-                self.stop()
-                raise
+        # Under `_plugins_lock`, which stop() takes to stop them: a stop()
+        # that began while start() joined a cluster has stopped the plugins
+        # already, and none may start after it.
+        failure: BaseException | None = None
+        with self._plugins_lock:
+            if self._state != _RUNNING:
+                return
+            for plugin in self._plugins:
+                try:
+                    plugin.start()
+                except BaseException as error:
+                    logger.exception(
+                        "plugin %r failed to start; stopping instance %r",
+                        plugin,
+                        self.name,
+                    )
+                    failure = error
+                    break
+        if failure is not None:
+            # A half-started instance would keep running unowned, so it
+            # stops again before the error reaches the caller.
+            self.stop()
+            raise failure
 
     def _stop_plugins(self) -> None:
-        for plugin in reversed(self._plugins):
-            try:
-                plugin.stop()
-            except Exception:
-                logger.exception("plugin %r failed to stop", plugin)
+        with self._plugins_lock:
+            for plugin in reversed(self._plugins):
+                try:
+                    plugin.stop()
+                except Exception:
+                    logger.exception("plugin %r failed to stop", plugin)
 
     def _close_queues(self) -> None:
         for queue in self._queues.values():
@@ -483,7 +497,8 @@ class Stagehand(Control):
         self.validate(job)
         if job.unique is None:
             return self._enqueue(job)
-        return self._insert_unique_here(job)
+        assert self._cluster is not None
+        return self._cluster.insert_owned(job, self._insert_unique_here)
 
     def insert_all(self, jobs: Iterable[Job]) -> list[Job]:
         """Insert several jobs; if any is invalid, none is inserted.

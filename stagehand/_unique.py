@@ -36,6 +36,19 @@ def fingerprint(job: Job) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class RemoteEntry(Job):
+    """A detached record of a unique job that runs on another peer.
+
+    A cluster peer that owns a fingerprint keeps one of these for a job
+    that an older owner inserted. `holder` is the peer id of the peer that
+    has the job, which reports its current state.
+    """
+
+    __slots__ = ("holder",)
+
+    holder: str
+
+
 class UniqueTable:
     """Fingerprints of recent unique jobs, each expiring after its period.
 
@@ -90,8 +103,24 @@ class UniqueTable:
         assert job.unique is not None
         key = fingerprint(job)
         with self._lock:
-            if self._cache.get(key) is None:
+            existing = self._cache.get(key)
+            # A record of this same job, kept while another peer had it,
+            # gives way to the job itself.
+            if existing is None or (
+                isinstance(existing, RemoteEntry) and existing.id == job.id
+            ):
                 self._cache[key] = job
+
+    def peek(self, key: str) -> Job | None:
+        """Return the entry for fingerprint `key`, or None."""
+        with self._lock:
+            return self._cache.get(key)
+
+    def discard(self, key: str, job: Job) -> None:
+        """Remove the entry for `key` if it is still `job`."""
+        with self._lock:
+            if self._cache.get(key) is job:
+                del self._cache[key]
 
     def put(self, key: str, job: Job, expires: float) -> None:
         """Store an entry that another peer handed over, expiring at `expires`.
