@@ -2,8 +2,8 @@
 
 Each instance with ``cluster=...`` is one peer. It listens on a peer
 channel (`stagehand._channel`), finds the other peers by mDNS or from a
-list of addresses, and keeps one outgoing connection to each peer it
-knows. A peer is a member while that connection is open.
+list of addresses, and keeps one outgoing connection to each peer it has
+found. A peer is a member while that connection is open.
 
 - Leader: the member with the smallest peer id, counting this peer. Cron
   runs on the leader only, and its inserts are unique per entry and
