@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from stagehand import _options
+from stagehand import _options, events
 from stagehand._channel import (
     ChannelError,
     ChannelServer,
@@ -78,9 +78,15 @@ _KEYS = frozenset(
         "request_timeout",
     }
 )
+# The longest wait, in seconds, before a listed address that is not a
+# member is tried again.
+_LIST_RETRY_MAX = 30.0
 # Seconds between the attempts to join a peer again after its connection
 # was lost; about 7.6 s in all.
 _REJOIN_DELAYS = (0.1, 0.5, 1.0, 2.0, 4.0)
+# Entries per entries request: each is about 500 bytes in JSON, and a
+# larger batch is split in two until it fits in a frame.
+_ENTRY_BATCH = 1000
 # Jobs per adopt request: about 300 bytes each in JSON, well under the
 # channel's frame limit of 1 MiB.
 _BATCH = 1000
@@ -201,20 +207,36 @@ class ClusterLeadership(Leadership):
         super().__init__()
         self._cluster = cluster
         self._state: dict[str, Any] = {}
+        # Values saved and not yet sent to the members, by key.
+        self._outgoing: dict[str, Any] = {}
+        self._outgoing_lock = threading.Lock()
 
     def load_state(self, key: str) -> Any:
         return self._state.get(key)
 
     def save_state(self, key: str, value: Any) -> None:
         self._state[key] = value
-        # In a thread of its own: the caller (cron) holds its lock, and a
-        # slow member would hold it up.
-        threading.Thread(
-            target=self._cluster.broadcast,
-            args=({"type": "state", "key": key, "value": value},),
-            name="stagehand-cluster-state",
-            daemon=True,
-        ).start()
+        # Sent by a thread of its own, because the caller (cron) holds its
+        # lock and a slow member would hold it up. Only the latest value of
+        # each key is sent, so an older one cannot arrive after a newer.
+        with self._outgoing_lock:
+            start = not self._outgoing
+            self._outgoing[key] = value
+        if start:
+            threading.Thread(
+                target=self._send_states, name="stagehand-cluster-state", daemon=True
+            ).start()
+
+    def _send_states(self) -> None:
+        while True:
+            with self._outgoing_lock:
+                if not self._outgoing:
+                    return
+                key, value = next(iter(self._outgoing.items()))
+            self._cluster.broadcast({"type": "state", "key": key, "value": value})
+            with self._outgoing_lock:
+                if self._outgoing.get(key) is value:
+                    del self._outgoing[key]
 
     def receive_state(self, key: str, value: Any) -> None:
         self._state[key] = value
@@ -241,6 +263,13 @@ class Cluster:
         self._leaving = False
         self._synced = threading.Event()
         self._closed = False
+        # Set when a member is lost, so that listed addresses are tried
+        # again soon.
+        self._list_lost = False
+        # Listed addresses that turned out to be this peer's own.
+        self._own_addresses: set[tuple[str, int]] = set()
+        # Addresses whose failure to connect has been logged at WARNING.
+        self._unreachable: set[tuple[str, int]] = set()
         # Set by withdraw() and close(): ends the waits of reconnections.
         self._stopping = threading.Event()
         host, port = settings.bind
@@ -254,6 +283,11 @@ class Cluster:
         )
         self._discovery: ZeroconfDiscovery | None = None
         self._round_robin = itertools.count()
+        # Entries of jobs running here that moved to another owner during
+        # stop(), sent again once the jobs have ended.
+        self._sent_running: list[tuple[str, Job]] = []
+        # The leader last reported by a leader.change event.
+        self._reported_leader: str | None = None
 
     # Membership
 
@@ -289,20 +323,38 @@ class Cluster:
     def survey(self) -> list[dict[str, Any]]:
         """Ask every member for its `local_status`; add this peer's own.
 
-        A member that does not reply is listed with its ``error``.
+        The members are asked at once. A member that does not reply in
+        time, or replies with an error, is listed with its ``error``.
         """
         with self._lock:
             members = list(self._members.values())
         statuses = [self.local_status()]
-        for member in members:
+        replies: dict[str, dict[str, Any]] = {}
+
+        def ask(member: _Member) -> None:
             try:
-                statuses.append(
-                    member.connection.request(
-                        {"type": "status"}, self.settings.request_timeout
-                    )
+                reply = member.connection.request(
+                    {"type": "status"}, self.settings.request_timeout
                 )
             except ChannelError as error:
-                statuses.append({"peer": member.peer_id, "error": str(error)})
+                reply = {"error": str(error)}
+            if not isinstance(reply.get("queues"), list):
+                reply = {"error": str(reply.get("error", "no status in the reply"))}
+            replies[member.peer_id] = {**reply, "peer": member.peer_id}
+
+        threads = [
+            threading.Thread(target=ask, args=(member,), daemon=True)
+            for member in members
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.settings.request_timeout + 1)
+        for member in members:
+            statuses.append(
+                replies.get(member.peer_id)
+                or {"peer": member.peer_id, "error": "no reply in time"}
+            )
         return sorted(statuses, key=lambda status: status["peer"])
 
     def members(self) -> list[str]:
@@ -339,6 +391,11 @@ class Cluster:
             assert not isinstance(settings.discovery, str)
             for address in settings.discovery:
                 self._join_in_background(address, "{}:{}".format(*address))
+            threading.Thread(
+                target=self._watch_list,
+                name=f"stagehand-cluster-list-{self.peer_id}",
+                daemon=True,
+            ).start()
         deadline = time.monotonic() + settings.join_timeout
         with self._joins_done:
             while self._joining:
@@ -362,6 +419,29 @@ class Cluster:
             self.members(),
             self.leader(),
         )
+
+    def _watch_list(self) -> None:
+        # A listed peer that did not answer, or left, may start later, and
+        # nothing else would tell this peer. Listed addresses that are not
+        # members are tried again, first after 1 s, then less and less
+        # often, up to every _LIST_RETRY_MAX seconds; a lost member makes
+        # the tries frequent again.
+        assert not isinstance(self.settings.discovery, str)
+        listed = self.settings.discovery
+        delay = 1.0
+        while not self._stopping.wait(delay):
+            with self._lock:
+                connected = {member.address for member in self._members.values()}
+                lost = self._list_lost
+                self._list_lost = False
+            missing = [
+                address
+                for address in listed
+                if address not in connected and address not in self._own_addresses
+            ]
+            for address in missing:
+                self._join(address)
+            delay = 1.0 if lost else min(delay * 2, _LIST_RETRY_MAX)
 
     def _discovered(self, peer: PeerAddress) -> None:
         # In zeroconf's browser thread, which must not block on a connect.
@@ -435,7 +515,6 @@ class Cluster:
             self._drop(member)
             return
         try:
-            self._receive_entries(member.peer_id, _list(reply, "entries"))
             for key, value in _dict(reply, "state").items():
                 if self.leadership.load_state(key) is None:
                     self.leadership.receive_state(key, value)
@@ -445,6 +524,9 @@ class Cluster:
                 "peer %s sent a malformed join reply: %s", member.peer_id, error
             )
             return
+        # Entries this peer took while the other one was not a member, such
+        # as during a lost connection, go back to their owner.
+        self._move_entries_to(member)
         for peer_id, peer_address in peers:
             if peer_id != self.peer_id and peer_id not in self.members():
                 self._join(peer_address)
@@ -471,19 +553,34 @@ class Cluster:
                 on_close=closed,
             )
         except ChannelError as error:
-            logger.warning("cannot reach the peer at %s:%d: %s", *address, error)
+            # Once per address until it answers, since listed addresses are
+            # tried again and again.
+            with self._lock:
+                repeated = address in self._unreachable
+                self._unreachable.add(address)
+            logger.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "cannot reach the peer at %s:%d: %s",
+                *address,
+                error,
+            )
             return None
+        with self._lock:
+            self._unreachable.discard(address)
         peer_id = connection.remote_peer_id
         member = _Member(peer_id, address, connection)
         with self._lock:
             existing = self._members.get(peer_id)
-            if peer_id != self.peer_id and existing is None and not self._closed:
+            if peer_id == self.peer_id:
+                self._own_addresses.add(address)
+            elif existing is None and not self._closed:
                 self._members[peer_id] = member
                 holder.append(member)
         if not holder:
             connection.close()
             return existing
         logger.info("peer %s joined peer %s at %s:%d", self.peer_id, peer_id, *address)
+        self._emit_peer("peer.join", peer_id)
         return member
 
     def _lost(self, member: _Member) -> None:
@@ -495,6 +592,8 @@ class Cluster:
                 return
             del self._members[member.peer_id]
             stopping = self._closed or self._leaving
+            self._list_lost = True
+        self._emit_peer("peer.leave", member.peer_id)
         self._update_leader()
         if stopping:
             return
@@ -536,7 +635,19 @@ class Cluster:
     def _update_leader(self) -> None:
         if not self._synced.is_set() or self._closed:
             return
-        self.leadership.set_leader(self.leader() == self.peer_id and not self._leaving)
+        leader = self.leader()
+        self.leadership.set_leader(leader == self.peer_id and not self._leaving)
+        with self._lock:
+            changed = leader != self._reported_leader
+            self._reported_leader = leader
+        if changed and events.has_handlers("leader.change"):
+            events.emit(
+                "leader.change", {}, {"leader": leader, "instance": self.instance.name}
+            )
+
+    def _emit_peer(self, event: str, peer_id: str) -> None:
+        if events.has_handlers(event):
+            events.emit(event, {}, {"peer": peer_id, "instance": self.instance.name})
 
     def broadcast(self, message: dict[str, Any]) -> None:
         """Send `message` to every member, logging the ones that fail."""
@@ -628,7 +739,9 @@ class Cluster:
         """
         key = fingerprint(job)
         entry = self.instance._unique.peek(key)
-        if isinstance(entry, RemoteEntry):
+        # A final state no longer changes, so only a waiting or executing
+        # job is asked about.
+        if isinstance(entry, RemoteEntry) and not entry.state.is_final:
             self._refresh(key, entry)
         return insert_here(job)
 
@@ -641,7 +754,9 @@ class Cluster:
                 reply = member.connection.request(
                     {"type": "job_state", "id": entry.id}, self.settings.request_timeout
                 )
-                state = reply.get("state")
+                # A job the holder no longer knows has ended and left its
+                # retention: it no longer waits or runs.
+                state = reply.get("state") or JobState.COMPLETED.value
             except ChannelError as error:
                 logger.warning(
                     "peer %s did not report the state of job %s: %s; its entry "
@@ -652,9 +767,8 @@ class Cluster:
                 )
                 return
         if state is None:
-            # The holder is gone (a crash loses its jobs; a graceful stop
-            # hands unique jobs to their owner, which records them), or the
-            # job ended and left its retention.
+            # The holder is gone. A crash lost the job, and a graceful stop
+            # handed a waiting job to its owner, which recorded it.
             self.instance._unique.discard(key, entry)
             return
         try:
@@ -686,19 +800,14 @@ class Cluster:
         now = self.instance.clock.now()
         moving: dict[str, list[dict[str, Any]]] = {}
         for key, job in table.take(lambda key: not keep(ranked(key, owners)[0])):
-            expires_in = _expires_in(job, now)
-            if expires_in is None:
-                continue
-            owner = ranked(key, owners)[0]
             holder = job.holder if isinstance(job, RemoteEntry) else self.peer_id
-            moving.setdefault(owner, []).append(
-                {
-                    "fingerprint": key,
-                    "expires_in": expires_in,
-                    "holder": holder,
-                    "job": job.to_dict(),
-                }
-            )
+            entry = _entry_to_wire(key, job, holder, now)
+            if entry is None:
+                continue
+            if holder == self.peer_id and not job.state.is_final:
+                # Its state changes here still; see hand_over_entries.
+                self._sent_running.append((key, job))
+            moving.setdefault(ranked(key, owners)[0], []).append(entry)
         return moving
 
     # Leaving
@@ -719,125 +828,184 @@ class Cluster:
     def hand_over(self, jobs: list[Job]) -> int:
         """Hand `jobs` to the members; return how many may be lost.
 
-        Unique jobs go to the new owner of their fingerprint, others in turn.
-        A batch that a member rejects as a whole goes to the next member;
-        a batch whose delivery is in doubt is not sent again.
+        A unique job goes to the new owner of its fingerprint, and another
+        job to the members in turn. A job that a member refuses, or that
+        could not be sent to it, goes to the next member in the same order
+        that inserts follow. A batch whose delivery is in doubt is not sent
+        again.
         """
-        with self._lock:
-            members = dict(self._members)
         if not jobs:
             return 0
-        if not members:
+        with self._lock:
+            order = sorted(self._members)
+        if not order:
             return len(jobs)
-        order = sorted(members)
-        groups: dict[str, list[Job]] = {}
+        pending: list[tuple[Job, list[str]]] = []
         for job in jobs:
             if job.unique is not None:
-                owner = ranked(fingerprint(job), order)[0]
+                candidates = ranked(fingerprint(job), order)
             else:
-                owner = order[next(self._round_robin) % len(order)]
-            groups.setdefault(owner, []).append(job)
+                start = next(self._round_robin) % len(order)
+                candidates = order[start:] + order[:start]
+            pending.append((job, candidates))
         lost = 0
-        for owner, group in groups.items():
-            for start in range(0, len(group), _BATCH):
-                batch = group[start : start + _BATCH]
-                lost += self._send_batch(batch, owner, order)
+        while pending:
+            groups: dict[str, list[tuple[Job, list[str]]]] = {}
+            for job, candidates in pending:
+                with self._lock:
+                    while candidates and candidates[0] not in self._members:
+                        del candidates[0]
+                if not candidates:
+                    logger.error("no peer took job %s; it is lost", job.id)
+                    lost += 1
+                    continue
+                groups.setdefault(candidates[0], []).append((job, candidates))
+            pending = []
+            for peer_id, group in groups.items():
+                for start in range(0, len(group), _BATCH):
+                    batch = group[start : start + _BATCH]
+                    retry, in_doubt = self._send_batch(peer_id, [j for j, _ in batch])
+                    lost += in_doubt
+                    for job, candidates in batch:
+                        if job in retry:
+                            del candidates[0]
+                            pending.append((job, candidates))
         return lost
 
-    def _send_batch(self, batch: list[Job], owner: str, order: list[str]) -> int:
-        # Tries `owner` first, then the others, while a member refuses jobs
-        # for certain; returns the number of jobs that may be lost.
-        pending = batch
-        tried: list[str] = []
-        for peer_id in [owner, *(p for p in order if p != owner)]:
-            with self._lock:
-                member = self._members.get(peer_id)
-            if member is None:
-                continue
-            tried.append(peer_id)
-            try:
-                reply = member.connection.request(
-                    {"type": "adopt", "jobs": [job_to_wire(job) for job in pending]},
-                    max(self.settings.request_timeout, 30.0),
-                )
-            except ValueError as error:
-                # Nothing was sent: the batch does not fit in one frame.
-                if len(pending) == 1:
-                    logger.error(
-                        "job %s is too large to hand to another peer, and is lost: %s",
-                        pending[0].id,
-                        error,
-                    )
-                    return 1
-                half = len(pending) // 2
-                return self._send_batch(
-                    pending[:half], peer_id, order
-                ) + self._send_batch(pending[half:], peer_id, order)
-            except ChannelError as error:
-                logger.error(
-                    "handing %d jobs to peer %s failed, and they may be lost: %s; "
-                    "ids %s",
-                    len(pending),
-                    peer_id,
-                    error,
-                    [job.id for job in pending],
-                )
-                return len(pending)
-            results = reply.get("results")
-            if not isinstance(results, list) or len(results) != len(pending):
-                logger.error(
-                    "peer %s answered the hand-over of %d jobs with %r; they may "
-                    "be lost: ids %s",
-                    peer_id,
-                    len(pending),
-                    reply.get("error", reply),
-                    [job.id for job in pending],
-                )
-                return len(pending)
-            refused = [
-                (job, reason)
-                for job, reason in zip(pending, results, strict=True)
-                if reason is not None
-            ]
-            for job, reason in refused:
-                logger.warning("peer %s refused job %s: %s", peer_id, job.id, reason)
-            logger.info(
-                "handed %d jobs to peer %s", len(pending) - len(refused), peer_id
+    def _send_batch(self, peer_id: str, batch: list[Job]) -> tuple[set[Job], int]:
+        # Sends `batch` to one member. Returns the jobs to try on the next
+        # member (refused, or certainly not sent) and the number of jobs
+        # whose delivery is in doubt or that cannot be sent at all.
+        with self._lock:
+            member = self._members.get(peer_id)
+        if member is None:
+            return set(batch), 0
+        try:
+            reply = member.connection.request(
+                {"type": "adopt", "jobs": [job_to_wire(job) for job in batch]},
+                max(self.settings.request_timeout, 30.0),
             )
-            pending = [job for job, _ in refused]
-            if not pending:
-                return 0
-        logger.error(
-            "no peer took %d jobs (tried %s); they are lost: ids %s",
-            len(pending),
-            tried,
-            [job.id for job in pending],
-        )
-        return len(pending)
+        except ValueError as error:
+            # Nothing was sent: the batch does not fit in one frame.
+            if len(batch) == 1:
+                logger.error(
+                    "job %s is too large to hand to another peer, and is lost: %s",
+                    batch[0].id,
+                    error,
+                )
+                return set(), 1
+            half = len(batch) // 2
+            first_retry, first_lost = self._send_batch(peer_id, batch[:half])
+            second_retry, second_lost = self._send_batch(peer_id, batch[half:])
+            return first_retry | second_retry, first_lost + second_lost
+        except NotDelivered as error:
+            logger.warning(
+                "%d jobs not sent to peer %s, which closed: %s; trying the next peer",
+                len(batch),
+                peer_id,
+                error,
+            )
+            return set(batch), 0
+        except ChannelError as error:
+            logger.error(
+                "handing %d jobs to peer %s failed, and they may be lost: %s; ids %s",
+                len(batch),
+                peer_id,
+                error,
+                [job.id for job in batch],
+            )
+            return set(), len(batch)
+        results = reply.get("results")
+        if not isinstance(results, list) or len(results) != len(batch):
+            logger.error(
+                "peer %s answered the hand-over of %d jobs with %r; they may be "
+                "lost: ids %s",
+                peer_id,
+                len(batch),
+                reply.get("error", reply),
+                [job.id for job in batch],
+            )
+            return set(), len(batch)
+        refused = {
+            job
+            for job, reason in zip(batch, results, strict=True)
+            if reason is not None
+        }
+        for job, reason in zip(batch, results, strict=True):
+            if reason is not None:
+                logger.warning("peer %s refused job %s: %s", peer_id, job.id, reason)
+        logger.info("handed %d jobs to peer %s", len(batch) - len(refused), peer_id)
+        return refused, 0
 
     def hand_over_entries(self) -> None:
-        """Send the unique entries to their new owners among the members."""
+        """Send the unique entries to their new owners among the members.
+
+        stop() calls this twice: once before the grace period, so that the
+        new owners check duplicates of the jobs still running here, and once
+        after it. The second call also sends again the entries of jobs of
+        this peer that ended meanwhile, with their final state.
+        """
         with self._lock:
             order = sorted(self._members)
         if not order:
             return
-        for owner, entries in self._entries_owned_by(order, lambda _: False).items():
-            with self._lock:
-                member = self._members.get(owner)
-            if member is None:
-                continue
-            try:
-                member.connection.request(
-                    {"type": "entries", "entries": entries},
-                    self.settings.request_timeout,
-                )
-            except ChannelError as error:
+        now = self.instance.clock.now()
+        ended = [(key, job) for key, job in self._sent_running if job.state.is_final]
+        self._sent_running = []
+        moving = self._entries_owned_by(order, lambda _: False)
+        for key, job in ended:
+            entry = _entry_to_wire(key, job, self.peer_id, now)
+            if entry is not None:
+                moving.setdefault(ranked(key, order)[0], []).append(entry)
+        for owner, entries in moving.items():
+            self._send_entries(owner, entries)
+
+    def _send_entries(self, peer_id: str, entries: list[dict[str, Any]]) -> None:
+        # In chunks that fit in a frame; an entry that fits in none is lost.
+        with self._lock:
+            member = self._members.get(peer_id)
+        if member is None or not entries:
+            if entries:
                 logger.warning(
-                    "%d unique entries not handed to peer %s: %s",
+                    "%d unique entries not handed to peer %s, which left",
                     len(entries),
-                    owner,
+                    peer_id,
+                )
+            return
+        for start in range(0, len(entries), _ENTRY_BATCH):
+            self._send_entry_chunk(member, entries[start : start + _ENTRY_BATCH])
+
+    def _send_entry_chunk(self, member: _Member, entries: list[dict[str, Any]]) -> None:
+        try:
+            member.connection.request(
+                {"type": "entries", "entries": entries}, self.settings.request_timeout
+            )
+        except ValueError as error:
+            if len(entries) == 1:
+                logger.warning(
+                    "the unique entry of job %s is too large to hand to peer %s: %s",
+                    entries[0]["job"]["id"],
+                    member.peer_id,
                     error,
                 )
+                return
+            half = len(entries) // 2
+            self._send_entry_chunk(member, entries[:half])
+            self._send_entry_chunk(member, entries[half:])
+        except ChannelError as error:
+            logger.warning(
+                "%d unique entries not handed to peer %s: %s",
+                len(entries),
+                member.peer_id,
+                error,
+            )
+
+    def _move_entries_to(self, member: _Member) -> None:
+        # Sends `member` the entries it owns now that it is a member.
+        with self._lock:
+            owners = [self.peer_id, *self._members]
+        moving = self._entries_owned_by(owners, lambda owner: owner != member.peer_id)
+        self._send_entries(member.peer_id, moving.get(member.peer_id, []))
 
     def close(self) -> None:
         """Close every connection and the channel server."""
@@ -900,29 +1068,31 @@ class Cluster:
             return {"error": "leaving"}
         _, address = _peer_entry([peer_id, *_list(message, "address")])
         with self._lock:
-            known = peer_id in self._members
-        if not known:
-            self._connect(address)
+            member = self._members.get(peer_id)
+        if member is None:
+            member = self._connect(address)
+        if member is None:
+            return {"error": "cannot connect back to the joining peer"}
+        # Before the reply, so that the joining peer has its entries when
+        # its start() returns. They go in requests of their own, because
+        # together they may not fit in one frame.
+        self._move_entries_to(member)
         with self._lock:
-            owners = [self.peer_id, *self._members]
             peers = [
-                [member.peer_id, *member.address]
-                for member in self._members.values()
-                if member.peer_id != peer_id
+                [other.peer_id, *other.address]
+                for other in self._members.values()
+                if other.peer_id != peer_id
             ]
-        entries = self._entries_owned_by(owners, lambda owner: owner != peer_id)
         self._update_leader()
-        return {
-            "entries": entries.get(peer_id, []),
-            "peers": peers,
-            "state": self.leadership.state(),
-        }
+        return {"peers": peers, "state": self.leadership.state()}
 
     def _on_leave(self, peer_id: str) -> dict[str, Any]:
         with self._lock:
             member = self._members.pop(peer_id, None)
+            self._list_lost = True
         if member is not None:
             logger.info("peer %s is leaving the cluster", peer_id)
+            self._emit_peer("peer.leave", peer_id)
             # Closed after the reply, so the leaving peer's request returns.
             threading.Thread(target=member.connection.close, daemon=True).start()
             self._update_leader()
@@ -937,7 +1107,16 @@ class Cluster:
             logger.warning(
                 "peer %s runs a unique check before its join finished", self.peer_id
             )
-        job = _new_job_from_wire(_dict(message, "job"))
+        data = _dict(message, "job")
+        job = _new_job_from_wire(data)
+        hops = message.get("hops", 0)
+        if not isinstance(hops, int) or isinstance(hops, bool):
+            raise _Malformed(f"hops must be an int; got {hops!r}")
+        if job.unique is not None and hops < _MAX_HOPS:
+            # The sender's view of the members may lag behind this one's.
+            forwarded = self._forward(job, data, hops)
+            if forwarded is not None:
+                return forwarded
         try:
             inserted = self.instance._insert_here(job)
         except (NotRunning, ShuttingDown):
@@ -948,7 +1127,36 @@ class Cluster:
             # For example a queue that this peer lacks: the sender tries the
             # next peer in line.
             return {"refused": f"{type(error).__name__}: {error}"}
-        return {"job": inserted.to_dict(), "conflict": inserted.conflict}
+        return _insert_reply(inserted)
+
+    def _forward(
+        self, job: Job, data: dict[str, Any], hops: int
+    ) -> dict[str, Any] | None:
+        # Sends a routed insert on to the owner that this peer sees, if it
+        # is another member. None means: insert it here.
+        try:
+            key = fingerprint(job)
+        except (KeyError, TypeError, ValueError):
+            return None  # invalid unique settings: the insert here says why
+        with self._lock:
+            owner = ranked(key, [self.peer_id, *self._members])[0]
+            member = self._members.get(owner)
+        if member is None:
+            return None
+        try:
+            reply = member.connection.request(
+                {"type": "insert", "job": data, "hops": hops + 1},
+                self.settings.request_timeout + self.settings.join_timeout,
+            )
+        except NotDelivered:
+            return None
+        except ChannelError as error:
+            return {"error": f"peer {owner} did not answer: {error}"}
+        if "refused" in reply or reply.get("error") == "leaving":
+            # The owner cannot take it, so this peer, next in line for the
+            # sender, does.
+            return None
+        return reply
 
     def _on_adopt(self, message: dict[str, Any]) -> dict[str, Any]:
         results: list[str | None] = []
@@ -961,6 +1169,10 @@ class Cluster:
                 results.append(None)
         return {"results": results}
 
+
+# How many times a routed insert may be sent on to a peer that owns it in
+# the view of the peer that received it.
+_MAX_HOPS = 2
 
 _NEW_JOB_FIELDS = (
     "worker",
@@ -1004,6 +1216,25 @@ def _new_job_from_wire(data: dict[str, Any]) -> Job:
         schedule_in=data["schedule_in"],
         scheduled_at=scheduled_at,
     )
+
+
+def _insert_reply(inserted: Job) -> dict[str, Any]:
+    # Only what the inserting peer sets on its Job, so that the reply stays
+    # small however large the job's args are.
+    return {
+        "job": {
+            "id": inserted.id,
+            "state": inserted.state.value,
+            "attempt": inserted.attempt,
+            "inserted_at": _iso(inserted.inserted_at),
+            "scheduled_at": _iso(inserted.scheduled_at),
+        },
+        "conflict": inserted.conflict,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 def _apply_reply(job: Job, reply: dict[str, Any]) -> Job:
@@ -1100,6 +1331,21 @@ def _peer_entry(entry: object) -> tuple[str, tuple[str, int]]:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise _Malformed(f"a peer's port must be 1 to 65535; got {port!r}")
     return peer_id, (host, port)
+
+
+def _entry_to_wire(
+    key: str, job: Job, holder: str, now: datetime
+) -> dict[str, Any] | None:
+    # None for an entry that has expired or has no unique settings.
+    expires_in = _expires_in(job, now)
+    if expires_in is None:
+        return None
+    return {
+        "fingerprint": key,
+        "expires_in": expires_in,
+        "holder": holder,
+        "job": job.to_dict(),
+    }
 
 
 def _expires_in(job: Job, now: datetime) -> float | None:

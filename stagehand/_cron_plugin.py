@@ -298,7 +298,12 @@ class Cron(Plugin):
         saved = self.instance.leadership.load_state(_STATE_KEY)
         if isinstance(saved, str):
             try:
-                cursor = max(cursor, datetime.fromisoformat(saved))
+                parsed = datetime.fromisoformat(saved)
+                if parsed.utcoffset() is None:
+                    # The state may come from another peer; a time without
+                    # an offset cannot be compared with the clock's.
+                    raise ValueError("no UTC offset")
+                cursor = max(cursor, parsed)
             except ValueError:
                 logger.warning("ignoring an invalid saved cron cursor %r", saved)
         return max(cursor, self._started_at)

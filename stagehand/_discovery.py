@@ -10,9 +10,6 @@ stays in the others' mDNS caches until its records expire, after
 `RECORD_TTL` seconds here, so the peer channel must check that a peer is
 alive. A peer that closes its discovery sends goodbye packets, and the
 others see it leave at once.
-
-NOTE: this is groundwork for cluster mode, which is not built yet; no
-instance uses it so far.
 """
 
 from __future__ import annotations

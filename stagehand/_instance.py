@@ -309,8 +309,11 @@ class Stagehand(Control):
             self._close_queues()
             lost = 0
             if cluster is not None:
-                # Queued jobs move at once rather than after the grace period.
+                # Queued jobs move at once rather than after the grace
+                # period, and so do the unique entries, so that their new
+                # owners check duplicates while this peer finishes its jobs.
                 lost += cluster.hand_over(self._take_waiting_jobs())
+                cluster.hand_over_entries()
             self._abandon(self._wait_for_executing())
             if self._scheduler is not None:
                 self._scheduler.stop()
@@ -680,7 +683,14 @@ class Stagehand(Control):
                 job.state = JobState.AVAILABLE
                 self._queues[job.queue].push(job, self._live)
             if job.unique is not None:
-                self._unique.adopt(job)
+                # The entry keeps the time it has left: its period counts
+                # from the job's insert on the first peer.
+                period = job.unique["period"]
+                expires = None
+                if period is not None and job.inserted_at is not None:
+                    age = (self.clock.now() - job.inserted_at).total_seconds()
+                    expires = self.clock.monotonic() + max(period - age, 0.0)
+                self._unique.adopt(job, expires)
 
     def _unstamp(self, jobs: list[Job]) -> list[Job]:
         # Undoes the stamp of jobs whose insert failed, and returns them.

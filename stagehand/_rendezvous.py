@@ -6,8 +6,7 @@ on the owner without talking to each other. When a peer leaves, only the
 keys it owned move, each to the peer with its next highest score. When a
 peer joins, it takes over only the keys for which it scores highest.
 
-Cluster mode will route unique jobs by their fingerprint with this.
-NOTE: no instance uses it yet; cluster mode is not built.
+Cluster mode routes each unique job to the owner of its fingerprint.
 """
 
 from __future__ import annotations

@@ -93,12 +93,16 @@ class UniqueTable:
             self._cache[key] = inserted
             return inserted
 
-    def adopt(self, job: Job) -> None:
+    def adopt(self, job: Job, expires: float | None = None) -> None:
         """Record `job`, handed over by another peer, unless its fingerprint is taken.
 
         The peer that held the job checked it for duplicates when it was
         inserted. An entry here for the same fingerprint came from a check
         made since, and it stays.
+
+        Args:
+            expires: The timer's time at which the entry expires; None
+                counts its full period from now.
         """
         assert job.unique is not None
         key = fingerprint(job)
@@ -109,7 +113,7 @@ class UniqueTable:
             if existing is None or (
                 isinstance(existing, RemoteEntry) and existing.id == job.id
             ):
-                self._cache[key] = job
+                self._store(key, job, expires)
 
     def peek(self, key: str) -> Job | None:
         """Return the entry for fingerprint `key`, or None."""
@@ -134,13 +138,22 @@ class UniqueTable:
                 existing is not None
                 and existing.unique is not None
                 and existing.state.value in existing.unique["states"]
+                # A newer record of the same job replaces the older one.
+                and not (isinstance(existing, RemoteEntry) and existing.id == job.id)
             ):
                 return
-            self._expires[key] = expires
-            try:
-                self._cache[key] = job
-            finally:
-                self._expires.pop(key, None)
+            self._store(key, job, expires)
+
+    def _store(self, key: str, job: Job, expires: float | None) -> None:
+        # The caller holds the lock.
+        if expires is None:
+            self._cache[key] = job
+            return
+        self._expires[key] = expires
+        try:
+            self._cache[key] = job
+        finally:
+            self._expires.pop(key, None)
 
     def take(self, moving: Callable[[str], bool]) -> list[tuple[str, Job]]:
         """Remove and return the entries whose fingerprint `moving` accepts."""

@@ -5,8 +5,6 @@ A job that moves to another peer keeps its id, attempt, errors and times.
 of an object received from a peer and builds an unsaved `Job` from it.
 Peers are authenticated, but their data is checked like user input, and a
 job whose worker is not an importable `Worker` subclass is rejected.
-
-NOTE: groundwork for cluster mode, which is not built yet.
 """
 
 from __future__ import annotations

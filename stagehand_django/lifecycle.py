@@ -223,7 +223,7 @@ def _build() -> stagehand.Stagehand:
             raise _runtime_dir_error(directory, error) from error
         control = (_RuntimeDirControlPlugin, {"directory": directory})
         kwargs["plugins"] = [*(kwargs.get("plugins") or ()), control]
-        if "leader_lock" not in kwargs and "cluster" not in kwargs:
+        if "leader_lock" not in kwargs and kwargs.get("cluster") is None:
             # The processes of this project on this host elect one cron
             # leader, so forked server workers do not each run cron. The
             # peers of a cluster elect theirs over the network instead.

@@ -68,7 +68,7 @@ class Peers:
             "name": self.cluster,
             "secret": secret,
             "discovery": config.pop("discovery", addresses),
-            "bind": "127.0.0.1:0",
+            "bind": f"127.0.0.1:{config.pop('bind_port', 0)}",
             "join_timeout": HANG_GUARD,
         }
         config.setdefault("queues", {"default": 2})
@@ -427,3 +427,63 @@ def test_cron_fires_once_per_cluster(peers: Peers) -> None:
         "2026-03-01T12:00:00+00:00",
         "2026-03-01T12:01:00+00:00",
     ]
+
+
+def test_peer_events_are_emitted(peers: Peers) -> None:
+    from stagehand import events
+
+    seen: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
+
+    def record(event: str, measurements: Any, metadata: Any) -> None:
+        value = metadata.get("peer") or metadata.get("leader")
+        with lock:
+            seen.append((event, metadata["instance"], value))
+
+    events.attach(
+        "cluster-events", ["peer.join", "peer.leave", "leader.change"], record
+    )
+    try:
+        first = peers.start()
+        second = peers.start(first)
+        wait_until(lambda: members(first) == [peer_id(second)])
+        second.stop()
+        wait_until(lambda: members(first) == [])
+        wait_until(lambda: first.check_cluster()["leader"] == peer_id(first))  # type: ignore[index]
+    finally:
+        events.detach("cluster-events")
+
+    with lock:
+        on_first = [(event, value) for event, name, value in seen if name == first.name]
+    assert ("peer.join", peer_id(second)) in on_first
+    assert ("peer.leave", peer_id(second)) in on_first
+    changes = [value for event, value in on_first if event == "leader.change"]
+    # Alone at first, then led by the smaller id of the two, then alone.
+    expected = [peer_id(first)]
+    if peer_id(second) < peer_id(first):
+        expected += [peer_id(second), peer_id(first)]
+    assert changes == expected
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_listed_peer_that_restarts_is_joined_again(peers: Peers) -> None:
+    port = free_port()
+    anchor = peers.start(discovery=[], bind_port=port)
+    other = peers.start(anchor)
+    wait_until(lambda: members(other) == [peer_id(anchor)])
+
+    anchor.stop()
+    wait_until(lambda: members(other) == [])
+    restarted = peers.start(discovery=[], bind_port=port)
+
+    # The other peer lists the anchor's address and tries it again.
+    wait_until(lambda: members(other) == [peer_id(restarted)])
+    wait_until(lambda: members(restarted) == [peer_id(other)])

@@ -137,9 +137,15 @@ def test_task_queues_unchecked_when_queues_invalid() -> None:
     assert [error[0] for error in stagehand_errors()] == ["stagehand.E004"]
 
 
+def stagehand_problems() -> list[tuple[str, str, str]]:
+    # Only Stagehand's own checks: Django 6's check of TASKS fails with a
+    # TypeError on a TASKS entry that is not a dict.
+    return [(problem.id, problem.msg, problem.hint) for problem in conf.problems()]
+
+
 @override_settings(TASKS={"default": "path.string"})
 def test_task_entry_not_a_dict() -> None:
-    assert stagehand_errors() == [
+    assert stagehand_problems() == [
         (
             "stagehand.E010",
             "TASKS['default'] must be a dict of backend settings; got 'path.string'",
