@@ -268,6 +268,8 @@ class Cluster:
         self._list_lost = False
         # Listed addresses that turned out to be this peer's own.
         self._own_addresses: set[tuple[str, int]] = set()
+        # Listed addresses of members that joined under another address.
+        self._aliases: dict[tuple[str, int], str] = {}
         # Addresses whose failure to connect has been logged at WARNING.
         self._unreachable: set[tuple[str, int]] = set()
         # Set by withdraw() and close(): ends the waits of reconnections.
@@ -432,6 +434,11 @@ class Cluster:
         while not self._stopping.wait(delay):
             with self._lock:
                 connected = {member.address for member in self._members.values()}
+                connected.update(
+                    address
+                    for address, peer_id in self._aliases.items()
+                    if peer_id in self._members
+                )
                 lost = self._list_lost
                 self._list_lost = False
             missing = [
@@ -501,9 +508,11 @@ class Cluster:
             # the other one.
             host = member.connection.local_host
         try:
+            # The peer first connects back and sends the entries this peer
+            # now owns, which can take more than one request.
             reply = member.connection.request(
                 {"type": "join", "address": [host, port]},
-                self.settings.request_timeout,
+                self.settings.request_timeout + self.settings.join_timeout,
             )
         except ChannelError as error:
             logger.warning("peer %s did not answer join: %s", member.peer_id, error)
@@ -573,7 +582,10 @@ class Cluster:
             existing = self._members.get(peer_id)
             if peer_id == self.peer_id:
                 self._own_addresses.add(address)
-            elif existing is None and not self._closed:
+            elif existing is not None:
+                # A member known by another address, as its join gave it.
+                self._aliases[address] = peer_id
+            elif not self._closed:
                 self._members[peer_id] = member
                 holder.append(member)
         if not holder:
@@ -792,10 +804,11 @@ class Cluster:
             table.put(key, job, timer() + expires_in)
 
     def _entries_owned_by(
-        self, owners: list[str], keep: Callable[[str], bool]
+        self, owners: list[str], keep: Callable[[str], bool], *, stopping: bool = False
     ) -> dict[str, list[dict[str, Any]]]:
         # Takes the unique entries whose owner among `owners` is not this
-        # peer, grouped by owner, unless keep(owner) is true.
+        # peer, grouped by owner, unless keep(owner) is true. During stop()
+        # it also notes the entries of jobs still running here.
         table = self.instance._unique
         now = self.instance.clock.now()
         moving: dict[str, list[dict[str, Any]]] = {}
@@ -804,7 +817,7 @@ class Cluster:
             entry = _entry_to_wire(key, job, holder, now)
             if entry is None:
                 continue
-            if holder == self.peer_id and not job.state.is_final:
+            if stopping and holder == self.peer_id and not job.state.is_final:
                 # Its state changes here still; see hand_over_entries.
                 self._sent_running.append((key, job))
             moving.setdefault(ranked(key, owners)[0], []).append(entry)
@@ -952,7 +965,7 @@ class Cluster:
         now = self.instance.clock.now()
         ended = [(key, job) for key, job in self._sent_running if job.state.is_final]
         self._sent_running = []
-        moving = self._entries_owned_by(order, lambda _: False)
+        moving = self._entries_owned_by(order, lambda _: False, stopping=True)
         for key, job in ended:
             entry = _entry_to_wire(key, job, self.peer_id, now)
             if entry is not None:

@@ -469,3 +469,16 @@ def test_routed_insert_near_frame_limit(peers: Peers) -> None:
     assert len(on_owner) == 1
     assert inserted is not None
     assert inserted.id == on_owner[0]
+
+
+def test_join_keeps_no_record_of_moved_entries(peers: Peers) -> None:
+    # Only stop() sends entries of running jobs a second time, so a join
+    # that moves them must not keep them.
+    first = peers.start(queues=PAUSED)
+    for n in range(20):
+        unique_job(n).insert(first)
+    second = peers.start(first, queues=PAUSED)
+    wait_until(lambda: members(first) == [peer_id(second)])
+
+    assert len(second._unique) > 0
+    assert first._cluster._sent_running == []  # type: ignore[union-attr]
