@@ -138,10 +138,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         key="b9",
         title="B9 cluster",
         measures="Three peers on 127.0.0.1, two of them in child processes with "
-        "paused queues. Unique inserts per second, one by one, of 5,000 jobs "
-        "whose fingerprints a child peer owns, so each insert is a round trip; "
-        "then the time that stop() of the measuring peer takes to hand 100,000 "
-        "queued jobs to the two others, and how many they received.",
+        "paused queues. First, unique inserts per second of 5,000 jobs inserted "
+        "one by one, whose fingerprints a child peer owns, so that each insert "
+        "is a round trip. Then the time that stop() of the measuring peer takes "
+        "to hand 100,000 queued jobs to the two others, and how many they "
+        "received.",
         metrics=(
             Metric(key="routed_per_s", label="routed inserts/s"),
             Metric(key="handoff_s", label="hand-off s", digits=2),

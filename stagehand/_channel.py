@@ -379,7 +379,7 @@ class Connection:
 
     @property
     def local_host(self) -> str:
-        """The local address of this connection: the one the peer sees."""
+        """The local host address of this connection, which the peer connects from."""
         return str(self._link.local_host)
 
     def request(self, message: Message, timeout: float) -> Message:

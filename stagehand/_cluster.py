@@ -11,10 +11,10 @@ found. A peer is a member while that connection is open.
 - Unique jobs: each fingerprint belongs to one peer, chosen among the
   members by rendezvous hashing (`stagehand._rendezvous`). An insert of a
   unique job runs its duplicate check, and the job itself, on that peer.
-- Joining: a new peer sends ``join`` to each peer it finds. Each answers
-  with the unique entries that the new peer now owns and the peers it
-  knows. Unique inserts routed to the new peer wait until those answers
-  are in, for at most ``join_timeout`` seconds.
+- Joining: a new peer sends ``join`` to each peer it finds. Each one
+  first sends it the unique entries that it now owns, then replies with
+  the peers it is connected to. Unique inserts routed to the new peer wait
+  until those replies are in, for at most ``join_timeout`` seconds.
 - Leaving: a stopping peer withdraws from discovery and sends ``leave``,
   so no new work is routed to it. It then hands its available, scheduled
   and retryable jobs, and its unique entries, to the other members.
@@ -78,7 +78,7 @@ _KEYS = frozenset(
         "request_timeout",
     }
 )
-# The longest wait, in seconds, before a listed address that is not a
+# The maximum wait, in seconds, before a listed address that is not a
 # member is tried again.
 _LIST_RETRY_MAX = 30.0
 # Seconds between the attempts to join a peer again after its connection
@@ -423,10 +423,10 @@ class Cluster:
         )
 
     def _watch_list(self) -> None:
-        # A listed peer that did not answer, or left, may start later, and
-        # nothing else would tell this peer. Listed addresses that are not
+        # A listed peer that did not respond, or left, may start later, and
+        # nothing else would report it. Listed addresses that are not
         # members are tried again, first after 1 s, then less and less
-        # often, up to every _LIST_RETRY_MAX seconds; a lost member makes
+        # often, up to every _LIST_RETRY_MAX seconds. A lost member makes
         # the tries frequent again.
         assert not isinstance(self.settings.discovery, str)
         listed = self.settings.discovery
@@ -515,7 +515,7 @@ class Cluster:
                 self.settings.request_timeout + self.settings.join_timeout,
             )
         except ChannelError as error:
-            logger.warning("peer %s did not answer join: %s", member.peer_id, error)
+            logger.warning("join request to peer %s failed: %s", member.peer_id, error)
             self._drop(member)
             return
         if "error" in reply:
@@ -562,8 +562,8 @@ class Cluster:
                 on_close=closed,
             )
         except ChannelError as error:
-            # Once per address until it answers, since listed addresses are
-            # tried again and again.
+            # Logged at WARNING once per address until a connection succeeds,
+            # because listed addresses are tried repeatedly.
             with self._lock:
                 repeated = address in self._unreachable
                 self._unreachable.add(address)
@@ -597,8 +597,8 @@ class Cluster:
 
     def _lost(self, member: _Member) -> None:
         # In the connection's reader thread, once it has closed. A member
-        # that said it is leaving was removed before, so this one is gone
-        # without a word: dead, or cut off. Joining it again tells which.
+        # that sent a leave request was removed before, so this one is gone
+        # without notice: dead, or cut off. Joining it again shows which.
         with self._lock:
             if self._members.get(member.peer_id) is not member:
                 return
@@ -730,7 +730,7 @@ class Cluster:
                 continue
             if "refused" in reply:
                 logger.warning(
-                    "peer %s refused unique job for %s: %s; trying the next peer",
+                    "peer %s rejected unique job for %s: %s; trying the next peer",
                     owner,
                     job.worker,
                     reply["refused"],
@@ -766,8 +766,8 @@ class Cluster:
                 reply = member.connection.request(
                     {"type": "job_state", "id": entry.id}, self.settings.request_timeout
                 )
-                # A job the holder no longer knows has ended and left its
-                # retention: it no longer waits or runs.
+                # A job that the holder cannot find has ended and left its
+                # retention, so it no longer waits or runs.
                 state = reply.get("state") or JobState.COMPLETED.value
             except ChannelError as error:
                 logger.warning(
@@ -931,11 +931,11 @@ class Cluster:
         results = reply.get("results")
         if not isinstance(results, list) or len(results) != len(batch):
             logger.error(
-                "peer %s answered the hand-over of %d jobs with %r; they may be "
+                "peer %s returned %r for the hand-over of %d jobs; they may be "
                 "lost: ids %s",
                 peer_id,
-                len(batch),
                 reply.get("error", reply),
+                len(batch),
                 [job.id for job in batch],
             )
             return set(), len(batch)
@@ -946,7 +946,7 @@ class Cluster:
         }
         for job, reason in zip(batch, results, strict=True):
             if reason is not None:
-                logger.warning("peer %s refused job %s: %s", peer_id, job.id, reason)
+                logger.warning("peer %s rejected job %s: %s", peer_id, job.id, reason)
         logger.info("handed %d jobs to peer %s", len(batch) - len(refused), peer_id)
         return refused, 0
 

@@ -162,7 +162,7 @@ class Scheduler:
         ]
 
     def take_waiting_locked(self) -> list[Job]:
-        """Detach every waiting job and return them; the caller holds `cond`.
+        """Detach every waiting job and return them. The caller must own `cond`.
 
         Timer entries stay. The jobs keep their state; none of them is
         promoted later.

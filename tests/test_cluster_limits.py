@@ -161,7 +161,7 @@ def test_stale_routed_insert_reaches_owner(
     second = peers.start(first, queues=PAUSED)
     wait_until(lambda: members(first) == [peer_id(second)])
     # A short join_timeout: the routed insert below waits for the third
-    # peer's join, which the test holds until the insert has returned.
+    # peer's join, which the test blocks until the insert has returned.
     third = new_peer(peers, first, cluster={"join_timeout": 2})
     # The third peer lists only the first one and learns of the second one
     # from the join reply. It joins the second one after the test releases it.

@@ -59,7 +59,7 @@ def parent(cluster_name: str) -> Iterator[stagehand.Stagehand]:
     instance.stop()
 
 
-def test_child_peer_takes_unique_jobs_and_hands_them_back(
+def test_child_peer_hands_jobs_back(
     parent: stagehand.Stagehand, cluster_name: str
 ) -> None:
     assert parent._cluster is not None

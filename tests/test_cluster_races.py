@@ -416,7 +416,7 @@ def test_unanswered_routed_insert_raises(
         )
         if owner(fingerprint(candidate), ids) == peer_id(second)
     )
-    # The owner takes the request and answers only after the sender gave up.
+    # The owner takes the request and replies only after the sender has timed out.
     release = threading.Event()
     handle = second._cluster._on_insert  # type: ignore[union-attr]
 
