@@ -24,7 +24,7 @@ from stagehand._config import (
 )
 from stagehand._control import _NEW, _RUNNING, _STOPPED, _STOPPING, Control
 from stagehand._execute import Executor, current_instance
-from stagehand._job import Job, JobState, ensure_fresh_ids, new_job_id
+from stagehand._job import Job, JobState, ensure_fresh_ids, new_job_id, new_job_ids
 from stagehand._leadership import FileLockLeadership, Leadership, SoloLeadership
 from stagehand._queue import Queue
 from stagehand._retention import Retention
@@ -510,9 +510,23 @@ class Stagehand(Control):
             The inserted jobs (or conflict copies), in the given order.
         """
         batch = list(jobs)
+        if self._state != _RUNNING and batch:
+            self._raise_not_running(batch[0])
         validate = self.validate
+        queues = self._queues
         for job in batch:
-            validate(job)
+            # The checks of validate() that a job from Worker.new passes,
+            # inline; validate() itself runs for any other job.
+            if (
+                not isinstance(job, Job)
+                or job.id is not None
+                or job.state is not _AVAILABLE
+                or job.cancel_requested
+                or job.queue not in queues
+                or job._worker_class is None
+                or job.schedule_in is not None
+            ):
+                validate(job)
         # One C-level pass finds a repeated job; the loop that names it
         # runs only when there is one.
         if len(set(map(id, batch))) != len(batch):
@@ -718,28 +732,70 @@ class Stagehand(Control):
             undone.append(job)
         return undone
 
-    def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
-        now = self._time()
-        monotonic = self.clock.monotonic()
-        by_queue: dict[str, list[Job]] = {}
-        scheduled: list[tuple[float, Job]] = []
-        live = self._live
-        delays: list[float] = []
+    def _stamp_due_now(self, batch: list[Job], now: datetime | int) -> None:
+        # What _stamp does, for a batch of jobs that are due now, in one
+        # pass. Each job is claimed in _stamping first, as _stamp claims it,
+        # so another thread's insert of the same job raises in one of the two.
+        me = get_ident()
+        claim = _stamping.setdefault
+        claimed = 0
         try:
             for job in batch:
-                delays.append(self._stamp(job, now))
-        except InvalidOption:
-            # Only the jobs this call stamped: the one that raised may belong
-            # to another thread's insert.
-            self._unstamp(batch[: len(delays)])
-            raise
-        for job, delay in zip(batch, delays, strict=True):
-            if delay > 0:
-                job.state = JobState.SCHEDULED
-                scheduled.append((monotonic + delay, job))
+                if claim(id(job), me) != me:
+                    raise _inserted_twice(job)
+                claimed += 1
+            for job in batch:
+                if job.id is not None:
+                    raise _inserted_twice(job)
+            for job, job_id, sequence in zip(
+                batch,
+                new_job_ids(len(batch)),
+                itertools.islice(_insert_sequence, len(batch)),
+                strict=True,
+            ):
+                job.id = job_id
+                job._sequence = sequence
+                job._inserted_at = now
+                job._instance = self
+                job._scheduled_at = now
+        finally:
+            for job in batch[:claimed]:
+                del _stamping[id(job)]
+
+    def _enqueue_batch(self, batch: list[Job]) -> list[Job]:
+        now = self._time()
+        by_queue: dict[str, list[Job]] = {}
+        live = self._live
+        scheduled: list[tuple[float, Job]] = []
+        if all(job.schedule_in is None and job._scheduled_at is None for job in batch):
+            # The common batch: nothing scheduled, so no delays to work out.
+            self._stamp_due_now(batch, now)
+            for job in batch:
+                live[job.id] = job  # type: ignore[index]
+            names = {job.queue for job in batch}
+            if len(names) == 1:
+                by_queue[names.pop()] = batch
             else:
-                by_queue.setdefault(job.queue, []).append(job)
-            live[job.id] = job  # type: ignore[index]
+                for job in batch:
+                    by_queue.setdefault(job.queue, []).append(job)
+        else:
+            monotonic = self.clock.monotonic()
+            delays: list[float] = []
+            try:
+                for job in batch:
+                    delays.append(self._stamp(job, now))
+            except InvalidOption:
+                # Only the jobs this call stamped: the one that raised may
+                # belong to another thread's insert.
+                self._unstamp(batch[: len(delays)])
+                raise
+            for job, delay in zip(batch, delays, strict=True):
+                if delay > 0:
+                    job.state = JobState.SCHEDULED
+                    scheduled.append((monotonic + delay, job))
+                else:
+                    by_queue.setdefault(job.queue, []).append(job)
+                live[job.id] = job  # type: ignore[index]
         try:
             # Check the queues before the scheduler takes any job, because jobs it
             # has taken count as inserted.
@@ -870,3 +926,4 @@ _insert_sequence = itertools.count(1)
 # id() of each Job object being stamped, mapped to the stamping thread.
 _stamping: dict[int, int] = {}
 _UNSTAMPABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
+_AVAILABLE = JobState.AVAILABLE

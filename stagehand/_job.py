@@ -25,6 +25,7 @@ __all__ = [
     "Snooze",
     "ensure_fresh_ids",
     "new_job_id",
+    "new_job_ids",
 ]
 
 
@@ -125,6 +126,12 @@ def ensure_fresh_ids() -> None:
 def new_job_id() -> str:
     """Return an id that is unique across processes, such as ``3f9a1c0b2e-1a``."""
     return f"{_id_prefix}-{next(_id_counter):x}"
+
+
+def new_job_ids(count: int) -> list[str]:
+    """Return `count` ids as `new_job_id` makes them, in increasing order."""
+    prefix = _id_prefix
+    return [f"{prefix}-{number:x}" for number in itertools.islice(_id_counter, count)]
 
 
 # Set by a framework integration (stagehand_django sets it in its app's

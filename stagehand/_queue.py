@@ -302,27 +302,39 @@ class Queue:
         pending = self._pending
         numbers = self._numbers
         added = 0
+        push = heapq.heappush
         with self.cond:
             if inserted:
                 self._check_open()
-            for job in jobs:
-                if not inserted:
+                for job in jobs:
+                    if job.state is not _AVAILABLE or job._queue_seq:
+                        # Cancelled, or cancelled and queued again by
+                        # retry_job, since it was stamped.
+                        continue
+                    priority = job.priority
+                    key = (
+                        job._sequence
+                        if priority == 0
+                        else priority << _PRIORITY_SHIFT | job._sequence
+                    )
+                    job._queue_seq = key
+                    pending[key] = job
+                    push(heap, key)
+                    added += 1
+            else:
+                for job in jobs:
                     # The scheduler marked the job -1 when it took it. A job
                     # cancelled and retried meanwhile is queued already, and
                     # one scheduled again waits for its new time.
                     if job.state not in _WAITING or job._schedule_seq != -1:
                         continue
                     job._schedule_seq = 0
-                elif job.state is not _AVAILABLE or job._queue_seq:
-                    # Cancelled, or cancelled and queued again by retry_job,
-                    # since it was stamped.
-                    continue
-                job.state = _AVAILABLE
-                key = _key(job.priority, job._sequence if inserted else next(numbers))
-                job._queue_seq = key
-                pending[key] = job
-                heapq.heappush(heap, key)
-                added += 1
+                    job.state = _AVAILABLE
+                    key = _key(job.priority, next(numbers))
+                    job._queue_seq = key
+                    pending[key] = job
+                    push(heap, key)
+                    added += 1
             for _ in range(added if not self.paused else 0):
                 if not self._wake_one():
                     break

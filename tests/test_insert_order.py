@@ -370,3 +370,64 @@ def test_mixed_inserts_racing_stop_counted(
         _stop_during_mixed_inserts(
             cleanup, caplog, round_number * 100_000, pause=bool(round_number % 2)
         )
+
+
+# ---------------------------------------------------------------------------
+# insert_all stamps a batch of jobs that are due now in one pass
+
+
+def test_batch_and_single_insert_of_one_job(cleanup: list[Any]) -> None:
+    # Thread A's insert_all passes validation and waits before it stamps.
+    # The main thread inserts the batch's second job on its own. A must then
+    # raise InvalidOption and stamp none of its jobs, so each runs once.
+    instance = new_instance(
+        "insertorder", queues={"default": {"limit": 1, "paused": True}}
+    )
+    queue = instance._queues["default"]
+    _started(cleanup, instance)
+    gated_time = HeldTime(instance._time)
+    instance._time = gated_time
+    cleanup.append(gated_time.gate.release.set)
+    batch = [CountingWorker.new({"n": n}) for n in (1, 2, 3)]
+
+    def insert_as_a() -> list[Job]:
+        gated_time.thread = threading.get_ident()
+        return instance.insert_all(batch)
+
+    inserter, outcome = run_in_thread(cleanup, insert_as_a)
+    assert gated_time.gate.entered.wait(HANG_GUARD)
+    single = instance.insert(batch[1])
+    gated_time.gate.release.set()
+    inserter.join(PROMPT)
+    ids = [job.id for job in batch]
+    available = queue.available
+    instance.resume_queue("default")
+    _idle(queue)
+
+    assert isinstance(outcome[0], stagehand.InvalidOption)
+    assert single is batch[1]
+    assert ids[0] is None
+    assert ids[2] is None
+    assert available == 1
+    assert [runs_of(n) for n in (1, 2, 3)] == [0, 1, 0]
+
+
+def test_batch_leaves_another_threads_claim(cleanup: list[Any]) -> None:
+    # Another thread is stamping the batch's last job (its claim is in
+    # _stamping). insert_all raises, stamps nothing, and removes only the
+    # claims it made itself.
+    from stagehand import _instance
+
+    instance = new_instance("insertorder")
+    _started(cleanup, instance)
+    batch = [CountingWorker.new({"n": n}) for n in (1, 2, 3)]
+    other_thread = threading.get_ident() + 1
+    _instance._stamping[id(batch[2])] = other_thread
+    cleanup.append(lambda: _instance._stamping.pop(id(batch[2]), None))
+
+    with pytest.raises(stagehand.InvalidOption, match="being inserted by another"):
+        instance.insert_all(batch)
+
+    assert [job.id for job in batch] == [None, None, None]
+    assert _instance._stamping == {id(batch[2]): other_thread}
+    assert instance.jobs() == []

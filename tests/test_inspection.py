@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
-from stagehand import FakeClock, InvalidOption, JobNotFound, JobState
 from support import running, watching
-from workers import BlockingWorker, EchoWorker, FailingWorker
+from workers import (
+    RUN_LOCK,
+    RUNS,
+    BlockingWorker,
+    EchoWorker,
+    FailingWorker,
+    RecordingWorker,
+)
+
+from stagehand import FakeClock, InvalidOption, Job, JobNotFound, JobState
 
 
 def test_get_job_live_and_retained() -> None:
@@ -172,6 +179,50 @@ def test_insert_all_returns_jobs_in_order() -> None:
 
     assert [job.result for job in jobs] == list(range(50))
     assert len({job.id for job in jobs}) == 50
+
+
+def test_insert_all_orders_each_queue_by_priority() -> None:
+    # One batch over two paused queues with mixed priorities, and one job
+    # built as Job(...), whose fields insert_all checks like insert does.
+    paused = {"limit": 1, "paused": True}
+    labelled = [
+        ("a", "default", 5),
+        ("b", "mailers", 0),
+        ("c", "default", 0),
+        ("d", "mailers", 9),
+        ("e", "default", 5),
+        ("f", "mailers", 0),
+    ]
+    batch = [
+        RecordingWorker.new({"label": label}, queue=queue, priority=priority)
+        for label, queue, priority in labelled
+    ]
+    batch.append(Job("workers.RecordingWorker", {"label": "g"}, priority=1))
+    with (
+        running(queues={"default": paused, "mailers": paused}) as instance,
+        watching() as watcher,
+    ):
+        inserted = instance.insert_all(batch)
+        available = [
+            instance.check_queue(name)["available"] for name in ("default", "mailers")
+        ]
+        instance.resume_queue("default")
+        instance.resume_queue("mailers")
+        watcher.wait_final(*inserted)
+
+    ids = {job.id: job.queue for job in inserted}
+    with RUN_LOCK:
+        runs = [(ids[job_id], label) for job_id, label in RUNS if job_id in ids]
+    assert inserted == batch
+    assert available == [4, 3]
+    assert [label for queue, label in runs if queue == "default"] == [
+        "c",
+        "g",
+        "a",
+        "e",
+    ]
+    assert [label for queue, label in runs if queue == "mailers"] == ["b", "f", "d"]
+    assert batch[-1]._worker_class is RecordingWorker
 
 
 def test_insert_all_rejects_repeated_job() -> None:
