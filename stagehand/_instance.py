@@ -923,6 +923,13 @@ def _seconds_until(due: datetime, now: datetime | int) -> float:
 
 
 _insert_sequence = itertools.count(1)
+
+
+def insert_mark() -> int:
+    """Return a number that every later insert's `Job._sequence` exceeds."""
+    return next(_insert_sequence)
+
+
 # id() of each Job object being stamped, mapped to the stamping thread.
 _stamping: dict[int, int] = {}
 _UNSTAMPABLE = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})

@@ -412,10 +412,13 @@ class Job:
             The inserted job, with `id` and `state` set. If a unique job
             already exists, a copy of that job with `conflict=True`. A
             deferred job is returned unsaved (``id`` None) and gets its id
-            when the transaction commits.
+            when the transaction commits; a deferred unique job that finds
+            a duplicate then becomes that copy, with `conflict=True`.
 
         Raises:
             NotRunning: No instance was given and no default instance exists.
+            InvalidOption: The job was inserted already, or waits for a
+                commit to be inserted.
             StagehandError: ``on_commit=True`` and no transaction hook is
                 registered.
         """
@@ -439,7 +442,7 @@ class Job:
                 "insert into a named instance, pass stagehand.get_instance(name)"
             )
         hook = on_commit_hook
-        if on_commit is False or (on_commit is None and hook is None):
+        if hook is None and not on_commit:
             return instance.insert(self)
         if hook is None:
             raise StagehandError(

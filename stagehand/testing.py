@@ -243,10 +243,12 @@ def _normalize_dict(value: object, name: str) -> dict[str, Any]:
 def _check_states(
     state: JobState | str | Iterable[JobState | str],
 ) -> frozenset[JobState]:
-    values = [state] if isinstance(state, str) else list(state)
     try:
+        values = [state] if isinstance(state, str) else list(state)
         states = frozenset(JobState(value) for value in values)
-    except ValueError:
+    except (TypeError, ValueError):
+        # A name that is no state, or a value that is neither a name nor a
+        # list of names, such as state=5.
         states = frozenset()
     if not states:
         raise InvalidOption(

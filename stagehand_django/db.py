@@ -71,7 +71,16 @@ class ConnectionKeeper:
             if active < self._active:
                 self.close_exited()
             self._active = active
-        close_old_connections()
+        try:
+            close_old_connections()
+        except Exception:
+            # Raising would detach this handler (events detaches a handler
+            # that raises), and every later job would run without the
+            # clean-up. The next job's start tries again.
+            logger.exception(
+                "closing stale database connections around job %s failed",
+                metadata["job"].id,
+            )
 
     def _remember(self, thread: threading.Thread) -> None:
         # The wrappers are this thread's own (connections are thread-local);

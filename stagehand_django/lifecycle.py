@@ -111,10 +111,19 @@ def decide(argv: list[str] | None = None) -> str:
     if command is None:
         return LAZY
     if command == "runserver" and (
-        os.environ.get("RUN_MAIN") == "true" or "--noreload" in argv
+        os.environ.get("RUN_MAIN") == "true" or _without_reloader(argv)
     ):
         return EAGER
     return NEVER
+
+
+def _without_reloader(argv: list[str]) -> bool:
+    # argparse takes any unambiguous prefix of an option, and runserver's
+    # --nothreading and --nostatic share "--no", so "--nor" is the shortest
+    # prefix that means --noreload.
+    return any(
+        len(arg) >= len("--nor") and "--noreload".startswith(arg) for arg in argv
+    )
 
 
 def install() -> None:

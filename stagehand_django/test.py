@@ -28,6 +28,7 @@ from django.test import TestCase
 
 import stagehand
 from stagehand import Job, testing
+from stagehand._instance import insert_mark
 
 __all__ = ["StagehandTestCase", "StagehandTestMixin", "default_test_instance"]
 
@@ -85,12 +86,24 @@ class StagehandTestMixin:
             raise self.failureException(str(error)) from None
 
     def assertEnqueuedCount(self, count: int, **filters: Any) -> list[Job]:
-        """Assert that exactly `count` matching jobs are enqueued; return them."""
-        jobs = testing.all_enqueued(default_test_instance(), **filters)
+        """Assert that exactly `count` matching jobs are enqueued; return them.
+
+        Raises:
+            TypeError, ValueError: `count` is not an int of 0 or more.
+        """
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(
+                f"count must be the number of jobs expected, an int; got {count!r}"
+            )
+        if count < 0:
+            raise ValueError(f"count must be 0 or more; got {count}")
+        instance = default_test_instance()
+        jobs = testing.all_enqueued(instance, **filters)
         if len(jobs) != count:
             listed = "\n".join(f"  {testing.format_job(job)}" for job in jobs)
+            described = testing.JobFilter.build(**filters).describe()
             raise self.failureException(
-                f"expected {count} enqueued job(s) matching {filters!r}, found "
+                f"expected {count} enqueued job(s) matching {described}, found "
                 f"{len(jobs)}" + (f":\n{listed}" if listed else "")
             )
         return jobs
@@ -99,15 +112,21 @@ class StagehandTestMixin:
     def captureEnqueued(self) -> Iterator[list[Job]]:
         """Yield a list that receives the jobs enqueued inside the block.
 
-        The list is filled when the block ends, oldest insert first.
+        The list is filled when the block ends, oldest insert first. It
+        holds the jobs inserted inside the block, including those that a
+        `drain_queue` inside the block ran.
         """
         instance = default_test_instance()
-        before = {id(job) for job in testing.recorded_jobs(instance)}
+        # Every insert takes a larger sequence number than this one.
+        mark = insert_mark()
         captured: list[Job] = []
         yield captured
-        for job in testing.recorded_jobs(instance):
-            if id(job) not in before:
-                captured.append(job)
+        found = {
+            id(job): job
+            for job in (*testing.recorded_jobs(instance), *instance.jobs())
+            if job._sequence > mark
+        }
+        captured.extend(sorted(found.values(), key=lambda job: job._sequence))
 
 
 class StagehandTestCase(StagehandTestMixin, TestCase):

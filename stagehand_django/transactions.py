@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 
-from stagehand import Job, Stagehand, _job
+from stagehand import InvalidOption, Job, Stagehand, _job
 from stagehand_django import conf
 
 __all__ = ["install", "insert_hook"]
@@ -38,21 +39,60 @@ def insert_hook(job: Job, instance: Stagehand, on_commit: bool | None) -> Job:
     # in_atomic_block is a plain attribute: reading it opens no connection,
     # so threads without a transaction (cron, worker threads) stay
     # connection-free.
-    if not on_commit or not connections[DEFAULT_DB_ALIAS].in_atomic_block:
+    connection = connections[DEFAULT_DB_ALIAS]
+    if connection.in_atomic_block and _waits_for_commit(connection, job):
+        raise InvalidOption(
+            f"job for {job.worker} was already inserted: it waits for the "
+            "transaction to commit; build a new job with Worker.new(...) for "
+            "each insert"
+        )
+    if not on_commit or not connection.in_atomic_block:
         return instance.insert(job)
+    transaction.on_commit(_InsertOnCommit(job, instance), using=DEFAULT_DB_ALIAS)
+    logger.debug("job for %s waits for the transaction to commit", job.worker)
+    return job
 
-    def insert_now() -> None:
+
+class _InsertOnCommit:
+    """The callback that inserts a deferred job when its transaction commits."""
+
+    __slots__ = ("instance", "job")
+
+    def __init__(self, job: Job, instance: Stagehand) -> None:
+        self.job = job
+        self.instance = instance
+
+    def __call__(self) -> None:
+        job = self.job
         try:
-            instance.insert(job)
+            inserted = self.instance.insert(job)
         except Exception:
             logger.exception(
                 "job for %s was not inserted after its transaction committed",
                 job.worker,
             )
+            return
+        if inserted is not job:
+            # A unique job that has a duplicate: the caller's job becomes
+            # the copy of the duplicate, with conflict=True, as insert()
+            # returns it outside a transaction.
+            for name in Job.__slots__:
+                setattr(job, name, getattr(inserted, name))
+            logger.info(
+                "job for %s was not inserted after its transaction committed: "
+                "unique job %s exists already",
+                job.worker,
+                job.id,
+            )
 
-    transaction.on_commit(insert_now, using=DEFAULT_DB_ALIAS)
-    logger.debug("job for %s waits for the transaction to commit", job.worker)
-    return job
+
+def _waits_for_commit(connection: BaseDatabaseWrapper, job: Job) -> bool:
+    # A rolled-back savepoint removes its callbacks from run_on_commit, so a
+    # job found here will be inserted at the commit.
+    return any(
+        isinstance(entry[1], _InsertOnCommit) and entry[1].job is job
+        for entry in connection.run_on_commit
+    )
 
 
 def install() -> None:

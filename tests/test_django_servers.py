@@ -298,7 +298,7 @@ def test_status_watch_refreshes_until_ctrl_c(
     processes.append(process)
     process.expect("waiting on")
     watch = Process(
-        manage("stagehand_status", "--watch", "0.05", "--runtime-dir", str(runtime)),
+        manage("stagehand_status", "--watch", "0.1", "--runtime-dir", str(runtime)),
         {},
     )
     processes.append(watch)

@@ -12,6 +12,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from stagehand_django import conf
 from stagehand_django.control import Survey, query_all
 
+# Bounds of --watch in seconds: faster than 0.1 s only burns CPU, and
+# Event.wait() overflows on huge values.
+MIN_WATCH = 0.1
+MAX_WATCH = 86_400.0
+
 COLUMNS = (
     "queue",
     "limit",
@@ -49,8 +54,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         watch = options["watch"]
-        if watch is not None and not watch > 0:
-            raise CommandError(f"--watch must be a number of seconds > 0; got {watch}")
+        if watch is not None and not MIN_WATCH <= watch <= MAX_WATCH:
+            raise CommandError(
+                f"--watch must be a number of seconds from {MIN_WATCH} to "
+                f"{MAX_WATCH:.0f} (one day); got {watch}"
+            )
         directory = options["runtime_dir"] or conf.runtime_dir()
         pause = threading.Event()
         try:
