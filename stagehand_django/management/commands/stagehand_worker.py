@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
+from stagehand.exceptions import StagehandError
 from stagehand_django import conf, lifecycle
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ class Command(BaseCommand):
         previous = self._install_handlers(stop_requested)
         try:
             instance = lifecycle.start()
-        except ImproperlyConfigured as error:
+        except (ImproperlyConfigured, StagehandError) as error:
+            # StagehandError: for example another instance named "default"
+            # already runs in this process.
             self._restore_handlers(previous)
             raise CommandError(str(error)) from error
         queues = ", ".join(instance.queues)
