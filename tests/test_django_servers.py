@@ -290,6 +290,19 @@ def test_second_signal_exits_without_waiting(
     assert "finished" not in (tmp_path / "release.log").read_text()
 
 
+def test_status_watch_outlasts_no_process(
+    runtime: Path, processes: list[Process]
+) -> None:
+    watch = Process(
+        manage("stagehand_status", "--watch", "0.1", "--runtime-dir", str(runtime)),
+        {},
+    )
+    processes.append(watch)
+    watch.expect("no running Stagehand process answered", count=2)
+    watch.signal(signal.SIGINT)
+    assert watch.wait() == 0
+
+
 def test_status_watch_refreshes_until_ctrl_c(
     tmp_path: Path, runtime: Path, processes: list[Process]
 ) -> None:

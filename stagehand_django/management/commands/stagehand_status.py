@@ -63,7 +63,14 @@ class Command(BaseCommand):
         pause = threading.Event()
         try:
             while True:
-                self._show(query_all(directory), as_json=options["json"])
+                try:
+                    self._show(query_all(directory), as_json=options["json"])
+                except CommandError as error:
+                    if watch is None:
+                        raise
+                    # Watching goes on, so that it sees the processes again
+                    # after a restart.
+                    self.stderr.write(str(error))
                 if watch is None:
                     return
                 pause.wait(watch)
