@@ -229,7 +229,8 @@ class CronExpression:
                 expression,
                 "it is empty; write five fields such as '0 3 * * *' or @daily",
             )
-        self._expression = normalised
+        # Names and nicknames are read in any case, so "@DAILY" equals "@daily".
+        self._expression = normalised.lower()
         self._tz = _resolve_tz(tz, normalised)
         key = getattr(self._tz, "key", None)
         self._tz_key: object = "UTC" if self._tz is UTC else (key or self._tz)

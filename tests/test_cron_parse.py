@@ -636,6 +636,12 @@ def test_attributes_repr_equality_hash_pickle() -> None:
     assert isinstance(cron, CronExpression)
 
 
+def test_names_equal_in_any_case() -> None:
+    assert parse("@DAILY") == parse("@daily")
+    assert parse("0 9 * JAN Mon").expression == "0 9 * jan mon"
+    assert hash(parse("0 9 * JAN Mon")) == hash(parse("0 9 * jan mon"))
+
+
 def test_attributes_are_read_only() -> None:
     cron = parse("0 0 * * *")
     with pytest.raises(AttributeError):
