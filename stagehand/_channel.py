@@ -577,9 +577,12 @@ class ChannelServer:
     """Accepts authenticated peer connections and replies to their requests.
 
     Each connection has its own thread, which does the handshake and then
-    calls `handler(peer_id, message)` for each request, one at a time. The
-    dict that the handler returns is the reply (None replies ``{}``); an
-    exception in the handler is logged and replies ``{"error": "..."}``.
+    calls `handler(peer_id, message)` for each request, one at a time,
+    except that a request for which `concurrent(message)` is true is
+    handled in a thread of its own, so a handler that waits does not hold
+    up the requests behind it. The dict that the handler returns is the
+    reply (None replies ``{}``); an exception in the handler is logged and
+    replies ``{"error": "..."}``.
 
     Args:
         secret: The cluster's shared secret.
@@ -590,6 +593,8 @@ class ChannelServer:
         port: Port to listen on; 0 picks a free one (see `address`).
         max_frame: Largest frame, in bytes, that this side sends or accepts.
         handshake_timeout: Seconds a client has to authenticate.
+        concurrent: Tells which requests are handled in a thread of their
+            own; None handles every request in turn.
     """
 
     def __init__(
@@ -603,6 +608,7 @@ class ChannelServer:
         port: int = 0,
         max_frame: int = MAX_FRAME,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        concurrent: Callable[[Message], bool] | None = None,
     ) -> None:
         self._secret = _check_secret(secret)
         self._cluster = _check_name("cluster", cluster)
@@ -610,6 +616,7 @@ class ChannelServer:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {handler!r}")
         self._handler = handler
+        self._concurrent = concurrent
         self._host = _check_name("host", host)
         self._port = _check_port(port, 0)
         self._max_frame = _check_max_frame(max_frame)
@@ -817,11 +824,27 @@ class ChannelServer:
                     link.remote,
                 )
                 return
-            frame = self._reply(peer_id, request, rid)
-            try:
-                link.send_frame(frame)
-            except OSError:
+            if self._concurrent is not None and self._concurrent(request):
+                threading.Thread(
+                    target=self._reply_and_send,
+                    args=(link, peer_id, request, rid),
+                    name=f"stagehand-channel-request-{peer_id}",
+                    daemon=True,
+                ).start()
+                continue
+            if not self._reply_and_send(link, peer_id, request, rid):
                 return
+
+    def _reply_and_send(
+        self, link: _Link, peer_id: str, request: Message, rid: int
+    ) -> bool:
+        # False when the connection is gone.
+        frame = self._reply(peer_id, request, rid)
+        try:
+            link.send_frame(frame)
+        except OSError:
+            return False
+        return True
 
     def _reply(self, peer_id: str, request: Message, rid: int) -> bytes:
         try:

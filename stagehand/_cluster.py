@@ -200,6 +200,18 @@ class _Member:
         self.connection = connection
 
 
+class _Departing:
+    """A member that sent a leave request and is handing over its work."""
+
+    __slots__ = ("handed", "member")
+
+    def __init__(self, member: _Member):
+        self.member = member
+        # Set when its queued jobs and unique entries have arrived, or when
+        # its connection closes.
+        self.handed = threading.Event()
+
+
 class ClusterLeadership(Leadership):
     """Leadership by the smallest peer id among the members."""
 
@@ -256,6 +268,10 @@ class Cluster:
         self.leadership = ClusterLeadership(self)
         self._lock = threading.Lock()
         self._members: dict[str, _Member] = {}
+        # Members that are leaving, until their connection closes. Their
+        # unique entries arrive after the leave request, so unique checks
+        # wait for them; and they still report the state of their jobs.
+        self._departing: dict[str, _Departing] = {}
         # Addresses being joined, so that two discoveries of one peer make
         # one connection.
         self._joining: set[tuple[str, int]] = set()
@@ -282,12 +298,19 @@ class Cluster:
             self._handle,
             host=host,
             port=port,
+            # A routed insert may wait for this peer's join to finish, and
+            # the entries that finish it can come on the same connection.
+            concurrent=lambda message: message.get("type") == "insert",
         )
         self._discovery: ZeroconfDiscovery | None = None
         self._round_robin = itertools.count()
         # Entries of jobs running here that moved to another owner during
         # stop(), sent again once the jobs have ended.
         self._sent_running: list[tuple[str, Job]] = []
+        # Entries of jobs of this peer that were waiting or running when a
+        # join moved them to another owner, by job id. stop() sends their
+        # final states, which the owner cannot ask for once this peer is gone.
+        self._moved_live: dict[str, tuple[str, Job]] = {}
         # The leader last reported by a leader.change event.
         self._reported_leader: str | None = None
 
@@ -600,6 +623,12 @@ class Cluster:
         # that sent a leave request was removed before, so this one is gone
         # without notice: dead, or cut off. Joining it again shows which.
         with self._lock:
+            departing = self._departing.get(member.peer_id)
+            if departing is not None and departing.member is member:
+                # A leaving member has closed: its hand-over is over.
+                del self._departing[member.peer_id]
+                departing.handed.set()
+                return
             if self._members.get(member.peer_id) is not member:
                 return
             del self._members[member.peer_id]
@@ -749,6 +778,7 @@ class Cluster:
         Before the duplicate check, an entry for a job on another peer gets
         that job's current state from it.
         """
+        self._await_hand_overs()
         key = fingerprint(job)
         entry = self.instance._unique.peek(key)
         # A final state no longer changes, so only a waiting or executing
@@ -757,11 +787,36 @@ class Cluster:
             self._refresh(key, entry)
         return insert_here(job)
 
+    def _await_hand_overs(self) -> None:
+        # Waits, up to join_timeout in all, until each leaving member has
+        # handed over its unique entries, some of which this peer may now own.
+        with self._lock:
+            waits = [departing.handed for departing in self._departing.values()]
+        if not waits:
+            return
+        deadline = time.monotonic() + self.settings.join_timeout
+        for handed in waits:
+            if not handed.wait(max(deadline - time.monotonic(), 0.0)):
+                logger.warning(
+                    "peer %s runs a unique check before a leaving peer handed "
+                    "over its unique entries",
+                    self.peer_id,
+                )
+                return
+
     def _refresh(self, key: str, entry: RemoteEntry) -> None:
         with self._lock:
             member = self._members.get(entry.holder)
+            if member is None and entry.holder in self._departing:
+                # It runs its last jobs during its grace period.
+                member = self._departing[entry.holder].member
         state: object = None
-        if member is not None:
+        if entry.holder == self.peer_id:
+            # The entry went to another owner while the job ran here, and
+            # came back. A job that is no longer here has ended.
+            job = None if entry.id is None else self.instance.get_job(entry.id)
+            state = JobState.COMPLETED.value if job is None else job.state.value
+        elif member is not None:
             try:
                 reply = member.connection.request(
                     {"type": "job_state", "id": entry.id}, self.settings.request_timeout
@@ -817,9 +872,13 @@ class Cluster:
             entry = _entry_to_wire(key, job, holder, now)
             if entry is None:
                 continue
-            if stopping and holder == self.peer_id and not job.state.is_final:
+            if holder == self.peer_id and not job.state.is_final:
                 # Its state changes here still; see hand_over_entries.
-                self._sent_running.append((key, job))
+                if stopping:
+                    self._sent_running.append((key, job))
+                else:
+                    with self._lock:
+                        self._moved_live[job.id] = (key, job)  # type: ignore[index]
             moving.setdefault(ranked(key, owners)[0], []).append(entry)
         return moving
 
@@ -837,6 +896,14 @@ class Cluster:
             except Exception:
                 logger.exception("withdrawing from mDNS discovery failed")
         self.broadcast({"type": "leave"})
+
+    def handed(self) -> None:
+        """Tell every member that this peer's queued jobs and entries are sent.
+
+        stop() calls it after the first hand-over; the members hold their
+        unique checks until it arrives.
+        """
+        self.broadcast({"type": "handed"})
 
     def hand_over(self, jobs: list[Job]) -> int:
         """Hand `jobs` to the members; return how many may be lost.
@@ -965,6 +1032,11 @@ class Cluster:
         now = self.instance.clock.now()
         ended = [(key, job) for key, job in self._sent_running if job.state.is_final]
         self._sent_running = []
+        with self._lock:
+            for job_id, (key, job) in list(self._moved_live.items()):
+                if job.state.is_final:
+                    ended.append((key, job))
+                    del self._moved_live[job_id]
         moving = self._entries_owned_by(order, lambda _: False, stopping=True)
         for key, job in ended:
             entry = _entry_to_wire(key, job, self.peer_id, now)
@@ -1015,8 +1087,13 @@ class Cluster:
 
     def _move_entries_to(self, member: _Member) -> None:
         # Sends `member` the entries it owns now that it is a member.
+        now = self.instance.clock.now()
         with self._lock:
             owners = [self.peer_id, *self._members]
+            # Entries past their period need no final state.
+            for job_id, (_, job) in list(self._moved_live.items()):
+                if _expires_in(job, now) is None:
+                    del self._moved_live[job_id]
         moving = self._entries_owned_by(owners, lambda owner: owner != member.peer_id)
         self._send_entries(member.peer_id, moving.get(member.peer_id, []))
 
@@ -1026,6 +1103,11 @@ class Cluster:
             self._closed = True
             members = list(self._members.values())
             self._members.clear()
+            departing = list(self._departing.values())
+            self._departing.clear()
+        for gone in departing:
+            gone.handed.set()
+            members.append(gone.member)
         self._stopping.set()
         if self._discovery is not None:
             try:
@@ -1057,6 +1139,12 @@ class Cluster:
             return self._on_join(peer_id, message)
         if kind == "leave":
             return self._on_leave(peer_id)
+        if kind == "handed":
+            with self._lock:
+                departing = self._departing.get(peer_id)
+            if departing is not None:
+                departing.handed.set()
+            return {}
         if kind == "insert":
             return self._on_insert(message)
         if kind == "adopt":
@@ -1103,11 +1191,14 @@ class Cluster:
         with self._lock:
             member = self._members.pop(peer_id, None)
             self._list_lost = True
+            if member is not None and not self._closed:
+                # Kept open until the leaving peer closes it: its entries
+                # and jobs arrive after this request, and it still reports
+                # the state of the jobs it finishes.
+                self._departing[peer_id] = _Departing(member)
         if member is not None:
             logger.info("peer %s is leaving the cluster", peer_id)
             self._emit_peer("peer.leave", peer_id)
-            # Closed after the reply, so the leaving peer's request returns.
-            threading.Thread(target=member.connection.close, daemon=True).start()
             self._update_leader()
         return {}
 

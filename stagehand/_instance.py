@@ -314,6 +314,7 @@ class Stagehand(Control):
                 # owners check duplicates while this peer finishes its jobs.
                 lost += cluster.hand_over(self._take_waiting_jobs())
                 cluster.hand_over_entries()
+                cluster.handed()
             self._abandon(self._wait_for_executing())
             if self._scheduler is not None:
                 self._scheduler.stop()

@@ -833,3 +833,35 @@ def test_client_socket_has_keepalive(cleanup: list[Any]) -> None:
     if hasattr(socket, "TCP_KEEPIDLE"):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
+def test_concurrent_request_leaves_reader_free(cleanup: list[Any]) -> None:
+    # The slow request waits until the fast one, sent after it on the same
+    # connection, has its reply: only a thread of its own lets it end.
+    slow_arrived = threading.Event()
+    fast_answered = threading.Event()
+
+    def handler(peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        if message["type"] == "slow":
+            slow_arrived.set()
+            return {"waited": fast_answered.wait(WAIT)}
+        return {"fast": True}
+
+    server = start_server(
+        cleanup, handler, concurrent=lambda message: message["type"] == "slow"
+    )
+    conn = open_connection(cleanup, server)
+    replies: list[dict[str, Any]] = []
+    slow = threading.Thread(
+        target=lambda: replies.append(conn.request({"type": "slow"}, WAIT))
+    )
+    slow.start()
+    cleanup.append(lambda: slow.join(WAIT))
+    assert slow_arrived.wait(WAIT)
+
+    fast = conn.request({"type": "fast"}, WAIT)
+    fast_answered.set()
+    slow.join(WAIT)
+
+    assert fast == {"fast": True}
+    assert replies == [{"waited": True}]
