@@ -1087,15 +1087,30 @@ class Cluster:
 
     def _move_entries_to(self, member: _Member) -> None:
         # Sends `member` the entries it owns now that it is a member.
-        now = self.instance.clock.now()
         with self._lock:
             owners = [self.peer_id, *self._members]
-            # Entries past their period need no final state.
-            for job_id, (_, job) in list(self._moved_live.items()):
-                if _expires_in(job, now) is None:
-                    del self._moved_live[job_id]
         moving = self._entries_owned_by(owners, lambda owner: owner != member.peer_id)
         self._send_entries(member.peer_id, moving.get(member.peer_id, []))
+        self._send_moved_ended(owners)
+
+    def _send_moved_ended(self, owners: list[str]) -> None:
+        # Sends the final state of each job in _moved_live that has ended to
+        # the owner of its entry, so that _moved_live keeps only jobs that
+        # still wait or run. An entry that this peer owns again needs none:
+        # _refresh reads the job here.
+        now = self.instance.clock.now()
+        ended: dict[str, list[dict[str, Any]]] = {}
+        with self._lock:
+            for job_id, (key, job) in list(self._moved_live.items()):
+                if not job.state.is_final:
+                    continue
+                del self._moved_live[job_id]
+                owner = ranked(key, owners)[0]
+                entry = _entry_to_wire(key, job, self.peer_id, now)
+                if owner != self.peer_id and entry is not None:
+                    ended.setdefault(owner, []).append(entry)
+        for owner, entries in ended.items():
+            self._send_entries(owner, entries)
 
     def close(self) -> None:
         """Close every connection and the channel server."""

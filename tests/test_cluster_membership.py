@@ -191,3 +191,28 @@ def test_stopping_holder_sends_final_state(peers: Peers) -> None:
 
     assert duplicate.conflict
     assert duplicate.id == original.id
+
+
+def test_next_join_sends_final_state(peers: Peers) -> None:
+    # The holder keeps a job whose entry a join moved only while the job
+    # waits or runs: the next join sends its final state to the owner.
+    holder = peers.start(queues=PAUSED)
+    owner = new_peer(peers, holder)
+    args = args_owned_by(peer_id(owner), [peer_id(holder), peer_id(owner)])
+    original = WhereWorker.new(args, unique=UNIQUE_DONE).insert(holder)
+    owner.start()
+    holder_cluster = holder._cluster
+    assert holder_cluster is not None
+    moved = list(holder_cluster._moved_live)
+    with watching() as watcher:
+        holder.resume_queue("default")
+        watcher.wait_final(original)
+    peers.start(holder, owner, queues=PAUSED)
+    wait_until(lambda: len(members(holder)) == 2)
+
+    duplicate = WhereWorker.new(args, unique=UNIQUE_DONE).insert(owner)
+
+    assert moved == [original.id]
+    assert holder_cluster._moved_live == {}
+    assert duplicate.conflict
+    assert duplicate.id == original.id
