@@ -24,6 +24,7 @@ for these fixtures, for example
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ _instance_numbers = itertools.count(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if _outer_config[0] is None:
+        _outer_config[0] = config
     config.addinivalue_line(
         "markers",
         "stagehand(**options): keyword arguments of stagehand.Stagehand for the "
@@ -188,3 +191,20 @@ def _marker_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         )
     options.update(marker.kwargs)
     return options
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Stops the Django app's instance while pytest still captures output:
+    # at exit its log lines would go to streams that pytest has closed. Only
+    # the outermost session does, since pytester runs inner sessions in the
+    # same process.
+    if session.config is not _outer_config[0]:
+        return
+    lifecycle = sys.modules.get("stagehand_django.lifecycle")
+    if lifecycle is not None:
+        lifecycle.stop()
+
+
+# The config of the first session in this process.
+_outer_config: list[pytest.Config | None] = [None]

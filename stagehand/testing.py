@@ -309,7 +309,8 @@ def failure_message(
     searched = _searched_phrase(len(jobs), instance)
     if refute:
         listed = [job for job in jobs if job_filter.matches(job)]
-        verdict = f"{len(listed)} of {searched} match:"
+        verb = "matches" if len(listed) == 1 else "match"
+        verdict = f"{len(listed)} of {searched} {verb}:"
     else:
         listed = sorted(jobs, key=job_filter.closeness, reverse=True)
         verdict = f"none of {searched} matches. Closest first:"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import inspect
 import os
 import tempfile
@@ -467,13 +468,29 @@ def runtime_dir() -> str:
     """Return the directory of control sockets for this project.
 
     The default is ``<tempdir>/stagehand-<uid>-<hash>``, where the hash is
-    taken from the settings module and ``BASE_DIR``, so two projects of one
-    user never share a directory.
+    taken from the project's directory: ``BASE_DIR``, or else the directory
+    of the settings module's top package. So processes of one project share
+    it even when they use different settings modules (``settings.web`` and
+    ``settings.worker``), and two projects of one user do not.
     """
     value = getattr(settings, "STAGEHAND_RUNTIME_DIR", None)
     if value is not None:
         _raise_first(_flag_problems())
         return str(os.fspath(value))
-    project = f"{settings.SETTINGS_MODULE}|{getattr(settings, 'BASE_DIR', '')}"
-    digest = hashlib.sha256(project.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(_project_dir().encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"stagehand-{os.getuid()}-{digest}")
+
+
+def _project_dir() -> str:
+    base = getattr(settings, "BASE_DIR", None)
+    if base is not None:
+        return str(os.path.realpath(os.fspath(base)))
+    top = (settings.SETTINGS_MODULE or "").partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(top) if top else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        # Settings configured in code, with no module: the working directory.
+        return f"{top}|{os.getcwd()}"
+    return os.path.dirname(os.path.realpath(spec.origin))

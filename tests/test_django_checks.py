@@ -593,3 +593,21 @@ def test_cluster_instance_has_no_leader_lock(tmp_path: Path) -> None:
         instance = lifecycle._build()
     assert instance.settings.leader_lock is None
     assert instance.check_cluster() is not None
+
+
+def test_runtime_dir_shared_by_settings_modules() -> None:
+    # A web and a worker settings module of one project share the control
+    # sockets and the leader lock; another project does not.
+    with override_settings(
+        STAGEHAND_RUNTIME_DIR=None, SETTINGS_MODULE="django_project.settings"
+    ):
+        web = conf.runtime_dir()
+    with override_settings(
+        STAGEHAND_RUNTIME_DIR=None, SETTINGS_MODULE="django_project.worker_settings"
+    ):
+        worker = conf.runtime_dir()
+    with override_settings(STAGEHAND_RUNTIME_DIR=None, BASE_DIR="/srv/other-project"):
+        other = conf.runtime_dir()
+
+    assert web == worker
+    assert other != web

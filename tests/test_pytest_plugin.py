@@ -344,3 +344,33 @@ def test_doc_example_runs(pytester: pytest.Pytester, index: int) -> None:
     result = _run(pytester)
 
     result.assert_outcomes(passed=example.count("\ndef test_"))
+
+
+def test_django_instance_stops_before_exit(pytester: pytest.Pytester) -> None:
+    # The app's instance logs as it stops. Stopped at exit, it would write
+    # to the stream that pytest captured and has closed by then.
+    pytester.makeconftest(
+        """
+        import logging
+        import sys
+
+        import django
+        from django.conf import settings
+
+        settings.configure(
+            INSTALLED_APPS=["stagehand_django"], STAGEHAND={"testing": "manual"}
+        )
+        django.setup()
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+        """
+    )
+    pytester.makepyfile(
+        """
+        def test_jobs(stagehand_jobs):
+            assert stagehand_jobs.testing == "manual"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:django", "-p", "no:cacheprovider")
+
+    result.assert_outcomes(passed=1)
+    assert "Logging error" not in result.stderr.str()

@@ -490,7 +490,7 @@ def test_refute_message_lists_matches(manual: stagehand.Stagehand) -> None:
     assert str(raised.value) == (
         "expected no enqueued job matching queue='mailers', state in "
         "['available', 'scheduled']; 1 of 2 jobs recorded by instance "
-        f"{manual.name!r} match:\n  {format_job(job)}"
+        f"{manual.name!r} matches:\n  {format_job(job)}"
     )
 
 
