@@ -203,13 +203,15 @@ class _Member:
 class _Departing:
     """A member that sent a leave request and is handing over its work."""
 
-    __slots__ = ("handed", "member")
+    __slots__ = ("deadline", "handed", "member")
 
-    def __init__(self, member: _Member):
+    def __init__(self, member: _Member, deadline: float):
         self.member = member
-        # Set when its queued jobs and unique entries have arrived, or when
-        # its connection closes.
+        # Set when its queued jobs and unique entries have arrived, when its
+        # connection closes, or when a unique check gave up waiting.
         self.handed = threading.Event()
+        # time.monotonic() after which unique checks no longer wait for it.
+        self.deadline = deadline
 
 
 class ClusterLeadership(Leadership):
@@ -460,7 +462,11 @@ class Cluster:
                 connected.update(
                     address
                     for address, peer_id in self._aliases.items()
-                    if peer_id in self._members
+                    if peer_id in self._members or peer_id in self._departing
+                )
+                # A leaving member declines joins until it closes.
+                connected.update(
+                    departing.member.address for departing in self._departing.values()
                 )
                 lost = self._list_lost
                 self._list_lost = False
@@ -505,6 +511,12 @@ class Cluster:
             if self._closed or self._leaving or address in self._joining:
                 return False
             if any(member.address == address for member in self._members.values()):
+                return False
+            if any(
+                departing.member.address == address
+                for departing in self._departing.values()
+            ):
+                # It is leaving: a join would be declined.
                 return False
             self._joining.add(address)
             return True
@@ -659,6 +671,8 @@ class Cluster:
             with self._lock:
                 if lost.peer_id in self._members:
                     return  # it joined this peer meanwhile
+                if lost.peer_id in self._departing:
+                    return  # it is leaving
             self._join(lost.address)
             with self._lock:
                 if lost.peer_id in self._members:
@@ -788,21 +802,23 @@ class Cluster:
         return insert_here(job)
 
     def _await_hand_overs(self) -> None:
-        # Waits, up to join_timeout in all, until each leaving member has
-        # handed over its unique entries, some of which this peer may now own.
+        # Waits until each leaving member has handed over its unique entries,
+        # some of which this peer may now own: at most until join_timeout
+        # after its leave request. Later checks do not wait for it again.
         with self._lock:
-            waits = [departing.handed for departing in self._departing.values()]
-        if not waits:
-            return
-        deadline = time.monotonic() + self.settings.join_timeout
-        for handed in waits:
-            if not handed.wait(max(deadline - time.monotonic(), 0.0)):
+            waits = list(self._departing.items())
+        for peer_id, departing in waits:
+            remaining = departing.deadline - time.monotonic()
+            if departing.handed.wait(max(remaining, 0.0)):
+                continue
+            if not departing.handed.is_set():
+                departing.handed.set()
                 logger.warning(
-                    "peer %s runs a unique check before a leaving peer handed "
+                    "peer %s runs unique checks before leaving peer %s handed "
                     "over its unique entries",
                     self.peer_id,
+                    peer_id,
                 )
-                return
 
     def _refresh(self, key: str, entry: RemoteEntry) -> None:
         with self._lock:
@@ -872,13 +888,17 @@ class Cluster:
             entry = _entry_to_wire(key, job, holder, now)
             if entry is None:
                 continue
-            if holder == self.peer_id and not job.state.is_final:
+            live: Job | None = job
+            if isinstance(job, RemoteEntry) and holder == self.peer_id:
+                # An entry that came back: the job itself is the one to follow.
+                live = None if job.id is None else self.instance.get_job(job.id)
+            if holder == self.peer_id and live is not None and not live.state.is_final:
                 # Its state changes here still; see hand_over_entries.
                 if stopping:
-                    self._sent_running.append((key, job))
+                    self._sent_running.append((key, live))
                 else:
                     with self._lock:
-                        self._moved_live[job.id] = (key, job)  # type: ignore[index]
+                        self._moved_live[live.id] = (key, live)  # type: ignore[index]
             moving.setdefault(ranked(key, owners)[0], []).append(entry)
         return moving
 
@@ -965,8 +985,9 @@ class Cluster:
                 {"type": "adopt", "jobs": [job_to_wire(job) for job in batch]},
                 max(self.settings.request_timeout, 30.0),
             )
-        except ValueError as error:
-            # Nothing was sent: the batch does not fit in one frame.
+        except (TypeError, ValueError) as error:
+            # Nothing was sent: the batch does not fit in one frame, or a
+            # value in it cannot be encoded as JSON.
             if len(batch) == 1:
                 logger.error(
                     "job %s is too large to hand to another peer, and is lost: %s",
@@ -1045,17 +1066,31 @@ class Cluster:
         for owner, entries in moving.items():
             self._send_entries(owner, entries)
 
-    def _send_entries(self, peer_id: str, entries: list[dict[str, Any]]) -> None:
+    def _send_entries(
+        self, peer_id: str, entries: list[dict[str, Any]], *, tries: int = 3
+    ) -> None:
         # In chunks that fit in a frame; an entry that fits in none is lost.
+        # Entries whose owner has left go to their owner among the members
+        # that remain.
+        if not entries:
+            return
         with self._lock:
             member = self._members.get(peer_id)
-        if member is None or not entries:
-            if entries:
+            order = sorted(self._members)
+        if member is None:
+            if not order or tries == 0:
                 logger.warning(
                     "%d unique entries not handed to peer %s, which left",
                     len(entries),
                     peer_id,
                 )
+                return
+            regrouped: dict[str, list[dict[str, Any]]] = {}
+            for entry in entries:
+                owner = ranked(entry["fingerprint"], order)[0]
+                regrouped.setdefault(owner, []).append(entry)
+            for owner, group in regrouped.items():
+                self._send_entries(owner, group, tries=tries - 1)
             return
         for start in range(0, len(entries), _ENTRY_BATCH):
             self._send_entry_chunk(member, entries[start : start + _ENTRY_BATCH])
@@ -1065,7 +1100,8 @@ class Cluster:
             member.connection.request(
                 {"type": "entries", "entries": entries}, self.settings.request_timeout
             )
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
+            # Nothing was sent: too large, or not encodable as JSON.
             if len(entries) == 1:
                 logger.warning(
                     "the unique entry of job %s is too large to hand to peer %s: %s",
@@ -1113,8 +1149,10 @@ class Cluster:
             self._send_entries(owner, entries)
 
     def close(self) -> None:
-        """Close every connection and the channel server."""
+        """Close every connection and the channel server; again does nothing."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             members = list(self._members.values())
             self._members.clear()
@@ -1210,7 +1248,9 @@ class Cluster:
                 # Kept open until the leaving peer closes it: its entries
                 # and jobs arrive after this request, and it still reports
                 # the state of the jobs it finishes.
-                self._departing[peer_id] = _Departing(member)
+                self._departing[peer_id] = _Departing(
+                    member, time.monotonic() + self.settings.join_timeout
+                )
         if member is not None:
             logger.info("peer %s is leaving the cluster", peer_id)
             self._emit_peer("peer.leave", peer_id)

@@ -333,6 +333,10 @@ class Stagehand(Control):
                     )
             self._count_lost()
         finally:
+            if cluster is not None:
+                # Also when a step above raised, so that no connection or
+                # server outlives the instance. A second call does nothing.
+                cluster.close()
             _registry.unregister(self)
             atexit.unregister(self.stop)
             self._state = _STOPPED
@@ -512,7 +516,9 @@ class Stagehand(Control):
         """
         batch = list(jobs)
         if self._state != _RUNNING and batch:
-            self._raise_not_running(batch[0])
+            # Raises TypeError for a value that is no Job, and NotRunning or
+            # ShuttingDown for a Job.
+            self.validate(batch[0])
         validate = self.validate
         queues = self._queues
         for job in batch:
