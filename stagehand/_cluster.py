@@ -81,6 +81,8 @@ _KEYS = frozenset(
 # The maximum wait, in seconds, before a listed address that is not a
 # member is tried again.
 _LIST_RETRY_MAX = 30.0
+# Seconds an address must keep failing before the failure is a WARNING.
+_WARN_UNREACHABLE = 60.0
 # Seconds between the attempts to join a peer again after its connection
 # was lost; about 7.6 s in all.
 _REJOIN_DELAYS = (0.1, 0.5, 1.0, 2.0, 4.0)
@@ -288,8 +290,10 @@ class Cluster:
         self._own_addresses: set[tuple[str, int]] = set()
         # Listed addresses of members that joined under another address.
         self._aliases: dict[tuple[str, int], str] = {}
-        # Addresses whose failure to connect has been logged at WARNING.
-        self._unreachable: set[tuple[str, int]] = set()
+        # Addresses that could not be reached, with the time.monotonic() of
+        # the first failure since the last success, and whether a warning
+        # has been logged for them.
+        self._unreachable: dict[tuple[str, int], list[Any]] = {}
         # Set by withdraw() and close(): ends the waits of reconnections.
         self._stopping = threading.Event()
         host, port = settings.bind
@@ -597,20 +601,26 @@ class Cluster:
                 on_close=closed,
             )
         except ChannelError as error:
-            # Logged at WARNING once per address until a connection succeeds,
-            # because listed addresses are tried repeatedly.
+            # A listed peer that has not started yet, or has just left, is
+            # normal: the first failure is logged at INFO, and a WARNING
+            # follows once the address has failed for _WARN_UNREACHABLE
+            # seconds. Listed addresses are tried repeatedly, so the other
+            # failures are logged at DEBUG.
+            now = time.monotonic()
             with self._lock:
-                repeated = address in self._unreachable
-                self._unreachable.add(address)
-            logger.log(
-                logging.DEBUG if repeated else logging.WARNING,
-                "cannot reach the peer at %s:%d: %s",
-                *address,
-                error,
-            )
+                record = self._unreachable.get(address)
+                if record is None:
+                    level = logging.INFO
+                    self._unreachable[address] = [now, False]
+                elif not record[1] and now - record[0] >= _WARN_UNREACHABLE:
+                    level = logging.WARNING
+                    record[1] = True
+                else:
+                    level = logging.DEBUG
+            logger.log(level, "cannot reach the peer at %s:%d: %s", *address, error)
             return None
         with self._lock:
-            self._unreachable.discard(address)
+            self._unreachable.pop(address, None)
         peer_id = connection.remote_peer_id
         member = _Member(peer_id, address, connection)
         with self._lock:

@@ -487,3 +487,33 @@ def test_listed_peer_that_restarts_is_joined_again(peers: Peers) -> None:
     # The other peer lists the anchor's address and tries it again.
     wait_until(lambda: members(other) == [peer_id(restarted)])
     wait_until(lambda: members(restarted) == [peer_id(other)])
+
+
+def test_unreachable_address_warns_after_a_while(
+    peers: Peers, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A listed peer that has not started yet is normal: INFO first, then a
+    # WARNING once the address has kept failing, then nothing above DEBUG.
+    import socket
+
+    import stagehand._cluster as cluster_module
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.DEBUG, logger="stagehand._cluster")
+    instance = peers.start(discovery=[f"127.0.0.1:{port}"])
+    cluster = instance._cluster
+    assert cluster is not None
+    monkeypatch.setattr(cluster_module, "_WARN_UNREACHABLE", 0.0)
+    cluster._connect(("127.0.0.1", port))
+    cluster._connect(("127.0.0.1", port))
+
+    levels = [
+        record.levelname
+        for record in caplog.records
+        if record.getMessage().startswith(f"cannot reach the peer at 127.0.0.1:{port}")
+    ]
+    assert levels[0] == "INFO"
+    assert levels.count("WARNING") == 1
+    assert set(levels[1:]) == {"WARNING", "DEBUG"}
