@@ -73,6 +73,12 @@ class FakeClock(Clock):
     def __init__(self, start: datetime | None = None) -> None:
         if start is None:
             start = datetime(2026, 1, 1, tzinfo=UTC)
+        if not isinstance(start, datetime):
+            raise TypeError(
+                f"FakeClock start must be an aware datetime; got "
+                f"{type(start).__name__} {start!r}. Pass for example "
+                "datetime(2026, 1, 1, tzinfo=UTC)."
+            )
         if start.tzinfo is None or start.utcoffset() is None:
             raise ValueError(
                 f"FakeClock start must be an aware datetime; got {start!r}. "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,11 +139,16 @@ def _check_leader_lock(value: object) -> str | None:
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidOption(f"{name} must be a number of seconds; got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    try:
+        seconds = float(value)
+    except OverflowError:
+        # An int too large for a float.
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise InvalidOption(
-            f"{name} must be a finite number of seconds >= 0; got {value!r}"
+            f"{name} must be a finite number of seconds >= 0; got {reprlib.repr(value)}"
         )
-    return float(value)
+    return seconds
 
 
 def _check_count(name: str, value: object, *, minimum: int) -> int:

@@ -92,8 +92,14 @@ class Control:
             state: One state or several, as `JobState` or its string value.
             queue: A queue name.
             worker: A `Worker` subclass or its dotted path.
+
+        Raises:
+            InvalidOption: A filter is invalid.
+            QueueNotConfigured: `queue` is not configured here.
         """
         states = _check_states(state)
+        if queue is not None:
+            self._queue(queue)  # raises for a queue that is not configured
         if isinstance(worker, type):
             path: str | None = worker_path(resolve_worker(worker))
         elif worker is None or isinstance(worker, str):
@@ -186,6 +192,8 @@ class Control:
     # Control
 
     def _queue(self, name: str) -> Queue:
+        if not isinstance(name, str):
+            raise InvalidOption(f"queue must be a queue's name, a str; got {name!r}")
         queue = self._queues.get(name)
         if queue is None:
             raise QueueNotConfigured(

@@ -204,6 +204,9 @@ class Executor:
                 seconds,
             )
             return
+        if seconds > MAX_DELAY:
+            # Past 100 years (or inf) there is nothing to time out.
+            return
         scheduler = self._instance._scheduler
         if scheduler is None:
             # NOTE: inline runs have no scheduler thread, so no timeout applies.
@@ -392,7 +395,9 @@ class Executor:
         if (
             isinstance(delay, bool)
             or not isinstance(delay, (int, float))
-            or not (math.isfinite(delay) and delay >= 0)
+            # An int compares exactly, so a huge one is caught below rather
+            # than overflowing in isfinite().
+            or not (delay >= 0 and (isinstance(delay, int) or math.isfinite(delay)))
         ):
             logger.error(
                 "backoff() of job %s returned %r, not seconds >= 0; using the default",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -158,6 +160,13 @@ def check_scheduled_at(value: object) -> datetime:
         ) from None
 
 
+# json cannot write an int with more digits than Python's limit for int to
+# str conversion (4,300 by default). So a large int takes the slow path,
+# which reports it.
+_MAX_DIGITS = sys.get_int_max_str_digits()
+_INT_LIMIT: float = 10 ** (_MAX_DIGITS - 1) if _MAX_DIGITS else math.inf
+
+
 def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
     """Return a copy of `value` as a worker will see it after JSON.
 
@@ -173,6 +182,9 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
             if type(key) is not str or item_type not in _JSON_SCALARS:
                 break
             if item_type is float and not math.isfinite(item):
+                break
+            if item_type is int and not -_INT_LIMIT < item < _INT_LIMIT:
+                # Too many digits for json to write: the slow path raises.
                 break
         else:
             return dict(value)
@@ -190,11 +202,19 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise InvalidOption(
             f"{name} must be JSON-serialisable; {error}. Convert the value to "
-            f"str, int, float, bool, None, list or dict first: {value!r}"
+            f"str, int, float, bool, None, list or dict first: {_short_repr(value)}"
         ) from None
     if decoded != value:
         _check_string_keys(value, name)
     return decoded  # type: ignore[no-any-return]
+
+
+def _short_repr(value: object) -> str:
+    try:
+        return reprlib.repr(value)
+    except ValueError:
+        # repr() itself refuses an int of more digits than Python prints.
+        return f"a {type(value).__name__} that holds an int too long to print"
 
 
 def _check_string_keys(value: object, name: str) -> None:
@@ -235,12 +255,17 @@ def normalize_unique(value: object) -> dict[str, Any] | None:
             raise InvalidOption(
                 f"unique period must be seconds > 0 or None; got {period!r}"
             )
-        if not math.isfinite(period) or period <= 0:
+        try:
+            seconds = float(period)
+        except OverflowError:
+            # An int too large for a float.
+            seconds = math.inf
+        if not math.isfinite(seconds) or seconds <= 0:
             raise InvalidOption(
                 f"unique period must be a finite number of seconds > 0, or None "
-                f"for no expiry; got {period!r}"
+                f"for no expiry; got {reprlib.repr(period)}"
             )
-        period = float(period)
+        period = seconds
     fields = _check_choices("unique fields", value.get("fields"), _UNIQUE_FIELDS)
     keys = value.get("keys")
     if keys is not None:

@@ -185,8 +185,28 @@ def check_job_fields(job: Job) -> None:
     """Validate and normalize the fields of a job built as ``Job(...)``.
 
     `Worker.new` checks each option as it sets it; a hand-built job gets the
-    same checks here, at insert.
+    same checks here, at insert, and must look like a job that has never
+    run: no attempt, errors, result, attempt times or conflict.
     """
+    used = {
+        name: value
+        for name, value in (
+            ("attempt", job.attempt),
+            ("conflict", job.conflict),
+            ("errors", job._errors),
+            ("result", job.result),
+            ("attempted_at", job._attempted_at),
+            ("completed_at", job._completed_at),
+        )
+        if value not in (0, False, None, [])
+    }
+    if used:
+        fields = ", ".join(f"{name}={value!r}" for name, value in used.items())
+        raise InvalidOption(
+            f"a new job must not have {fields}: those belong to a job that "
+            "has run. Build it with Worker.new(...), or leave them at their "
+            "defaults"
+        )
     _options.check_queue_name(job.queue)
     _options.check_priority(job.priority)
     _options.check_max_attempts(job.max_attempts)
