@@ -81,6 +81,8 @@ _KEYS = frozenset(
 # The maximum wait, in seconds, before a listed address that is not a
 # member is tried again.
 _LIST_RETRY_MAX = 30.0
+# The maximum discovery, join or request timeout, in seconds.
+_MAX_TIMEOUT = 3600.0
 # Seconds an address must keep failing before the failure is a WARNING.
 _WARN_UNREACHABLE = 60.0
 # Seconds between the attempts to join a peer again after its connection
@@ -134,8 +136,15 @@ def check_cluster(value: object) -> ClusterSettings:
         raise InvalidOption(f"cluster name must be at most 200 bytes; got {name!r}")
     secret = value.get("secret")
     if isinstance(secret, str):
-        secret = secret.encode()
-    if not isinstance(secret, bytes) or len(secret) < 16:
+        # Counted in characters, as the error message states, before encoding.
+        short = len(secret) < 16
+        try:
+            secret = secret.encode()
+        except UnicodeEncodeError:
+            secret = None
+    else:
+        short = isinstance(secret, bytes) and len(secret) < 16
+    if not isinstance(secret, bytes) or short:
         raise InvalidOption(
             "cluster secret must be a str or bytes of at least 16 characters, the "
             "same on every peer; generate one with "
@@ -168,7 +177,8 @@ def _address(name: str, value: object, *, port_zero: bool) -> tuple[str, int]:
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     try:
         ipaddress.IPv4Address(host)
-        number = int(port)
+        # int() would also take "8_0", " 80" and "+80".
+        number = int(port) if port.isascii() and port.isdigit() else -1
     except ValueError:
         number = -1
     if not (0 if port_zero else 1) <= number <= 65535:
@@ -181,13 +191,17 @@ def _address(name: str, value: object, *, port_zero: bool) -> tuple[str, int]:
 
 def _seconds(value: Mapping[str, Any], key: str, default: float) -> float:
     seconds = value.get(key, default)
+    # An int compares exactly, so a huge one fails here without overflowing.
     if (
         isinstance(seconds, bool)
         or not isinstance(seconds, (int, float))
+        or not 0 < seconds <= _MAX_TIMEOUT
         or not math.isfinite(seconds)
-        or seconds <= 0
     ):
-        raise InvalidOption(f"cluster {key} must be seconds > 0; got {seconds!r}")
+        raise InvalidOption(
+            f"cluster {key} must be seconds > 0 and at most {_MAX_TIMEOUT:.0f} "
+            f"(one hour); got {seconds!r}"
+        )
     return float(seconds)
 
 
@@ -271,6 +285,9 @@ class Cluster:
         self.peer_id = secrets.token_hex(5)
         self.leadership = ClusterLeadership(self)
         self._lock = threading.Lock()
+        # Held by _update_leader from reading the members to applying the
+        # result.
+        self._leader_lock = threading.Lock()
         self._members: dict[str, _Member] = {}
         # Members that are leaving, until their connection closes. Their
         # unique entries arrive after the leave request, so unique checks
@@ -351,12 +368,14 @@ class Cluster:
             "queues": [instance.check_queue(name) for name in instance.queues],
         }
 
-    def survey(self) -> list[dict[str, Any]]:
+    def survey(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Ask every member for its `local_status`; add this peer's own.
 
-        The members are asked at once. A member that does not reply in
-        time, or replies with an error, is listed with its ``error``.
+        The members are asked at once. A member that does not reply within
+        `timeout` seconds (default `request_timeout`), or replies with an
+        error, is listed with its ``error``.
         """
+        wait = self.settings.request_timeout if timeout is None else timeout
         with self._lock:
             members = list(self._members.values())
         statuses = [self.local_status()]
@@ -364,9 +383,7 @@ class Cluster:
 
         def ask(member: _Member) -> None:
             try:
-                reply = member.connection.request(
-                    {"type": "status"}, self.settings.request_timeout
-                )
+                reply = member.connection.request({"type": "status"}, wait)
             except ChannelError as error:
                 reply = {"error": str(error)}
             if not isinstance(reply.get("queues"), list):
@@ -380,7 +397,7 @@ class Cluster:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(self.settings.request_timeout + 1)
+            thread.join(wait + 1)
         for member in members:
             statuses.append(
                 replies.get(member.peer_id)
@@ -394,8 +411,14 @@ class Cluster:
             return sorted(self._members)
 
     def leader(self) -> str:
-        """Return the peer id of the current leader."""
+        """Return the peer id of the current leader.
+
+        A peer that is leaving leads nothing: it reports the smallest member,
+        or itself when none is left.
+        """
         with self._lock:
+            if self._leaving and self._members:
+                return min(self._members)
             return min([self.peer_id, *self._members])
 
     def start(self) -> None:
@@ -698,17 +721,24 @@ class Cluster:
         member.connection.close()  # its on_close removes it
 
     def _update_leader(self) -> None:
-        if not self._synced.is_set() or self._closed:
-            return
-        leader = self.leader()
-        self.leadership.set_leader(leader == self.peer_id and not self._leaving)
-        with self._lock:
-            changed = leader != self._reported_leader
-            self._reported_leader = leader
-        if changed and events.has_handlers("leader.change"):
-            events.emit(
-                "leader.change", {}, {"leader": leader, "instance": self.instance.name}
-            )
+        # Several threads call this (joins, leaves, lost connections). One at
+        # a time, so that a leader worked out earlier is never applied after
+        # a later one.
+        with self._leader_lock:
+            # A leaving peer stepped down in withdraw() and reports nothing.
+            if not self._synced.is_set() or self._closed or self._leaving:
+                return
+            leader = self.leader()
+            self.leadership.set_leader(leader == self.peer_id and not self._leaving)
+            with self._lock:
+                changed = leader != self._reported_leader
+                self._reported_leader = leader
+            if changed and events.has_handlers("leader.change"):
+                events.emit(
+                    "leader.change",
+                    {},
+                    {"leader": leader, "instance": self.instance.name},
+                )
 
     def _emit_peer(self, event: str, peer_id: str) -> None:
         if events.has_handlers(event):

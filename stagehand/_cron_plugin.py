@@ -149,6 +149,8 @@ class Cron(Plugin):
         self._next: list[datetime | None] | None = None
         self._seen: datetime | None = None
         self._ticks = 0
+        # True while the cron thread inserts a job, without the lock.
+        self._inserting = False
 
     def __repr__(self) -> str:
         return f"<Cron of {self.instance.name!r}, {len(self._entries)} entries>"
@@ -193,6 +195,13 @@ class Cron(Plugin):
             self._cursor = self.instance.clock.now()
             self._started_at = self._cursor
             self._alive = True
+            if self.instance.leadership.is_leader:
+                # A peer that leads from the start may take over from one
+                # that stepped down when it joined.
+                self._cursor = self._resume_cursor()
+                self.instance.leadership.save_state(
+                    _STATE_KEY, self._cursor.isoformat()
+                )
         self.instance.leadership.subscribe(self._on_leadership)
         thread = threading.Thread(
             target=self._run, name=f"stagehand-cron-{self.instance.name}", daemon=True
@@ -225,6 +234,8 @@ class Cron(Plugin):
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            # An insert under way ends before stop() returns.
+            self._cond.wait_for(lambda: not self._inserting, JOIN_TIMEOUT)
         self.instance.leadership.unsubscribe(self._on_leadership)
         thread.join(JOIN_TIMEOUT)
         if thread.is_alive():
@@ -272,11 +283,18 @@ class Cron(Plugin):
         return self._seen is not None and self._seen >= target
 
     def _on_leadership(self, leader: bool) -> None:
-        # Runs in the thread that changes leadership.
+        # Runs in the thread that changes leadership, such as a cluster's
+        # join handler. The cron thread inserts without the lock, so this
+        # never waits for an insert, which may itself wait for that join.
         with self._cond:
             if leader and not self._leader and self._thread is not None:
                 self._cursor = self._resume_cursor()
                 self._next = None
+                # Saved at once, so that a peer that takes over before the
+                # first tick can read where this one began.
+                self.instance.leadership.save_state(
+                    _STATE_KEY, self._cursor.isoformat()
+                )
             if leader != self._leader and self._thread is not None:
                 logger.info(
                     "cron of instance %r %s leadership",
@@ -292,10 +310,13 @@ class Cron(Plugin):
         # The current minute is checked again unless the old leader saved a
         # later cursor (processes sharing a leader lock share that state; in
         # one process the unique key turns a repeat into a conflict). Slots
-        # before this plugin started never run.
+        # before this plugin started never run, except in a cluster that
+        # has a saved cursor: the peer that led until now stepped down when
+        # this one joined, which may have been after the minute began.
         now = self.instance.clock.now()
         cursor = now.replace(second=0, microsecond=0) - _TINY
         saved = self.instance.leadership.load_state(_STATE_KEY)
+        taking_over = False
         if isinstance(saved, str):
             try:
                 parsed = datetime.fromisoformat(saved)
@@ -304,9 +325,10 @@ class Cron(Plugin):
                     # an offset cannot be compared with the clock's.
                     raise ValueError("no UTC offset")
                 cursor = max(cursor, parsed)
+                taking_over = self.instance._cluster is not None
             except ValueError:
                 logger.warning("ignoring an invalid saved cron cursor %r", saved)
-        return max(cursor, self._started_at)
+        return cursor if taking_over else max(cursor, self._started_at)
 
     # The cron thread
 
@@ -325,8 +347,9 @@ class Cron(Plugin):
                 self._cond.notify_all()
 
     def _loop(self) -> None:
-        # The lock is held except while waiting, so stop() cannot interleave
-        # with a pass: once it has set _stopping, no insert follows.
+        # The lock is held except while waiting and while inserting. An
+        # insert begins only under the lock with _stopping unset, and stop()
+        # waits for one under way, so no insert follows stop().
         clock = self.instance.clock
         with self._cond:
             while not self._stopping:
@@ -357,17 +380,36 @@ class Cron(Plugin):
         return None if due is None else (due - now).total_seconds()
 
     def _tick(self, now: datetime) -> None:
+        # The caller owns _cond.
         for entry, first in zip(self._entries, self._next_slots(), strict=True):
             if first is None or first > now:
                 continue
+            if self._stopping or not self._leader:
+                # Changed while an earlier insert ran without the lock.
+                return
             slot = _latest_slot(entry, first, now)
             _log_if_late(entry, first, slot, now)
-            if not self._insert(entry, slot):
+            if not self._insert_unlocked(entry, slot):
                 break
         self._cursor = now
         self._next = None
         self._ticks += 1
-        self.instance.leadership.save_state(_STATE_KEY, now.isoformat())
+        if self._leader:
+            self.instance.leadership.save_state(_STATE_KEY, now.isoformat())
+
+    def _insert_unlocked(self, entry: CronEntry, slot: datetime) -> bool:
+        # The caller holds _cond, which is released during the insert: in a
+        # cluster the insert may go to a peer that is joining and holds it
+        # until its join ends, and the join may change leadership, which
+        # takes _cond.
+        self._inserting = True
+        self._cond.release()
+        try:
+            return self._insert(entry, slot)
+        finally:
+            self._cond.acquire()
+            self._inserting = False
+            self._cond.notify_all()
 
     def _insert(self, entry: CronEntry, slot: datetime) -> bool:
         """Insert the job of `entry` for `slot`.

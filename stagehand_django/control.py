@@ -82,8 +82,12 @@ def status_report(instance: Stagehand) -> dict[str, Any]:
         "cluster": cluster,
     }
     if cluster is not None and instance._cluster is not None:
-        # The live state of every peer of the cluster, on any host.
-        cluster["survey"] = instance._cluster.survey()
+        # The live state of every peer of the cluster, on any host. A slow
+        # peer is listed with an error well before the client gives up on
+        # this whole report.
+        cluster["survey"] = instance._cluster.survey(
+            timeout=min(instance._cluster.settings.request_timeout, CLIENT_TIMEOUT / 2)
+        )
     return report
 
 
