@@ -154,10 +154,12 @@ def test_routed_insert_during_join_sees_moved_entry(
     assert duplicate.id == original.id
 
 
-def test_entry_back_at_its_holder_blocks(peers: Peers) -> None:
-    # A join moves the entry of a queued job to its new owner. The job then
-    # completes on its holder, and the owner's stop sends the entry back,
-    # still marked available. The holder must read the job's state itself.
+def moved_then_completed(
+    peers: Peers,
+) -> tuple[stagehand.Stagehand, stagehand.Stagehand, dict[str, Any], stagehand.Job]:
+    """Return (holder, owner, args, job): a join moved the entry of the
+    holder's queued job to the owner, and the job then completed on the
+    holder. The owner's entry still says available."""
     holder = peers.start(queues=PAUSED)
     owner = new_peer(peers, holder)
     args = args_owned_by(peer_id(owner), [peer_id(holder), peer_id(owner)])
@@ -166,6 +168,13 @@ def test_entry_back_at_its_holder_blocks(peers: Peers) -> None:
     with watching() as watcher:
         holder.resume_queue("default")
         watcher.wait_final(original)
+    return holder, owner, args, original
+
+
+def test_entry_back_at_its_holder_blocks(peers: Peers) -> None:
+    # The owner's stop sends the stale entry back: the holder must read the
+    # job's state itself.
+    holder, owner, args, original = moved_then_completed(peers)
     owner.stop()
 
     duplicate = WhereWorker.new(args, unique=UNIQUE_DONE).insert(holder)
@@ -175,16 +184,9 @@ def test_entry_back_at_its_holder_blocks(peers: Peers) -> None:
 
 
 def test_stopping_holder_sends_final_state(peers: Peers) -> None:
-    # As above, but the holder stops instead: it must send the job's final
-    # state, which the owner can no longer ask it for.
-    holder = peers.start(queues=PAUSED)
-    owner = new_peer(peers, holder)
-    args = args_owned_by(peer_id(owner), [peer_id(holder), peer_id(owner)])
-    original = WhereWorker.new(args, unique=UNIQUE_DONE).insert(holder)
-    owner.start()
-    with watching() as watcher:
-        holder.resume_queue("default")
-        watcher.wait_final(original)
+    # The holder stops instead: it must send the job's final state, which
+    # the owner can no longer ask it for.
+    holder, owner, args, original = moved_then_completed(peers)
     holder.stop()
 
     duplicate = WhereWorker.new(args, unique=UNIQUE_DONE).insert(owner)
@@ -196,23 +198,14 @@ def test_stopping_holder_sends_final_state(peers: Peers) -> None:
 def test_next_join_sends_final_state(peers: Peers) -> None:
     # The holder keeps a job whose entry a join moved only while the job
     # waits or runs: the next join sends its final state to the owner.
-    holder = peers.start(queues=PAUSED)
-    owner = new_peer(peers, holder)
-    args = args_owned_by(peer_id(owner), [peer_id(holder), peer_id(owner)])
-    original = WhereWorker.new(args, unique=UNIQUE_DONE).insert(holder)
-    owner.start()
+    holder, owner, args, original = moved_then_completed(peers)
     holder_cluster = holder._cluster
     assert holder_cluster is not None
-    moved = list(holder_cluster._moved_live)
-    with watching() as watcher:
-        holder.resume_queue("default")
-        watcher.wait_final(original)
     peers.start(holder, owner, queues=PAUSED)
     wait_until(lambda: len(members(holder)) == 2)
 
     duplicate = WhereWorker.new(args, unique=UNIQUE_DONE).insert(owner)
 
-    assert moved == [original.id]
     assert holder_cluster._moved_live == {}
     assert duplicate.conflict
     assert duplicate.id == original.id
