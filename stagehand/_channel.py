@@ -155,6 +155,10 @@ def _encode(message: Message, max_frame: int) -> bytes:
         raise TypeError(f"message cannot be sent as JSON: {exc}; {hint}") from None
     except ValueError as exc:
         raise ValueError(f"message cannot be sent as JSON: {exc}; {hint}") from None
+    except RecursionError:
+        raise ValueError(
+            "message cannot be sent as JSON: it is nested too deeply; send flatter data"
+        ) from None
     data = body.encode("utf-8")
     if len(data) > max_frame:
         raise ValueError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -146,7 +145,7 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise InvalidOption(
-            f"{name} must be a finite number of seconds >= 0; got {reprlib.repr(value)}"
+            f"{name} must be a finite number of seconds >= 0; got {_options.short_repr(value)}"
         )
     return seconds
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stagehand import events
@@ -411,4 +412,14 @@ def _check_states(
 
 
 def _insert_order(job: Job) -> Any:
-    return job._sequence
+    # A job handed over by another peer keeps its inserted_at but gets a
+    # new sequence number here, so the time orders first. On the system
+    # clock it is an int of nanoseconds, otherwise an aware datetime.
+    inserted = job._inserted_at
+    if isinstance(inserted, datetime):
+        inserted = (inserted - _EPOCH) // _MICROSECOND * 1000
+    return (inserted or 0, job._sequence)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)

@@ -80,9 +80,16 @@ def check_priority(value: object, name: str = "priority") -> int:
     return value  # type: ignore[return-value]
 
 
+# The most attempts a job may have. JSON carries it to other peers, and a
+# snooze adds one, so it stays well inside a 64-bit int.
+MAX_ATTEMPTS = 2**62
+
+
 def check_max_attempts(value: object, name: str = "max_attempts") -> int:
-    if not _is_int(value) or value < 1:  # type: ignore[operator]
-        raise InvalidOption(f"{name} must be an int >= 1; got {value!r}")
+    if not _is_int(value) or not 1 <= value <= MAX_ATTEMPTS:  # type: ignore[operator]
+        raise InvalidOption(
+            f"{name} must be an int from 1 to 2**62; got {short_repr(value)}"
+        )
     return value  # type: ignore[return-value]
 
 
@@ -202,18 +209,21 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise InvalidOption(
             f"{name} must be JSON-serialisable; {error}. Convert the value to "
-            f"str, int, float, bool, None, list or dict first: {_short_repr(value)}"
+            f"str, int, float, bool, None, list or dict first: {short_repr(value)}"
         ) from None
     if decoded != value:
         _check_string_keys(value, name)
     return decoded  # type: ignore[no-any-return]
 
 
-def _short_repr(value: object) -> str:
+def short_repr(value: object) -> str:
+    """Return a repr cut to a readable length, even for an int too long to print."""
     try:
         return reprlib.repr(value)
     except ValueError:
         # repr() itself refuses an int of more digits than Python prints.
+        if isinstance(value, int):
+            return f"an int of more than {_MAX_DIGITS:,} digits"
         return f"a {type(value).__name__} that holds an int too long to print"
 
 
@@ -263,7 +273,7 @@ def normalize_unique(value: object) -> dict[str, Any] | None:
         if not math.isfinite(seconds) or seconds <= 0:
             raise InvalidOption(
                 f"unique period must be a finite number of seconds > 0, or None "
-                f"for no expiry; got {reprlib.repr(period)}"
+                f"for no expiry; got {short_repr(period)}"
             )
         period = seconds
     fields = _check_choices("unique fields", value.get("fields"), _UNIQUE_FIELDS)
