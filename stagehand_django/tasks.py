@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import threading
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 import stagehand
-from stagehand import Job, JobState, Worker
+from stagehand import Job, JobState, Worker, events
 
 # Django 6 ships django.tasks; on Django 5.2 the django-tasks backport
 # provides the same API under the name django_tasks.
@@ -57,6 +60,12 @@ TaskResult = _base.TaskResult
 TaskResultStatus = _base.TaskResultStatus
 task = _base.task
 InvalidTask = getattr(_exceptions, "InvalidTask", None) or _exceptions.InvalidTaskError
+try:
+    from django.utils.json import normalize_json
+except ImportError:  # Django 5.2 with the backport
+    normalize_json = importlib.import_module("django_tasks.utils").normalize_json
+
+logger = logging.getLogger(__name__)
 TaskResultDoesNotExist = _exceptions.TaskResultDoesNotExist
 task_enqueued = _signals.task_enqueued
 task_finished = _signals.task_finished
@@ -81,7 +90,7 @@ def to_priority(priority: int) -> int:
     Bands of 20 from the top: 100..81 give 0, 80..61 give 1, and so on to
     -60..-79, which give 8; -80..-100 give 9.
     """
-    return min((100 - priority) // 20, 9)
+    return int(min((100 - priority) // 20, 9))
 
 
 class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
@@ -118,6 +127,13 @@ class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
         in ``transaction.on_commit`` for that, as django.tasks recommends.
         """
         self.validate_task(task)
+        found = _import_or_none(task.module_path)
+        if getattr(found, "func", None) is not task.func:
+            raise InvalidTask(
+                f"the task {task.module_path!r} cannot be found again by that "
+                "path, so a worker could not run it; define it with @task on a "
+                "module-level function, under the function's own name"
+            )
         options: dict[str, Any] = {
             "queue": task.queue_name,
             "priority": to_priority(task.priority),
@@ -161,17 +177,21 @@ class StagehandBackend(BaseTaskBackend):  # type: ignore[misc,valid-type]
         return self._result(job, _task_of(job))
 
     def _result(self, job: Job, task: Any) -> Any:
+        started = job.meta.get("started_at")
         result: Any = TaskResult(
             task=task,
             id=str(job.id),
             status=_STATUS[job.state],
-            enqueued_at=job.inserted_at,
-            started_at=job.attempted_at,
-            finished_at=job.completed_at,
-            last_attempted_at=job.attempted_at,
+            enqueued_at=_local(job.inserted_at),
+            started_at=_local(
+                job.attempted_at if started is None else datetime.fromisoformat(started)
+            ),
+            finished_at=_local(job.completed_at),
+            last_attempted_at=_local(job.attempted_at),
             args=job.args["args"],
             kwargs=job.args["kwargs"],
-            backend=self.alias,
+            # The backend that enqueued the task, whichever one reads it.
+            backend=job.args["backend"],
             errors=_errors(job),
             worker_ids=list(job.meta.get("worker_ids", [])),
         )
@@ -195,6 +215,21 @@ def _task_of(job: Job) -> Any:
     )
 
 
+def _import_or_none(path: str) -> Any:
+    try:
+        return import_string(path)
+    except ImportError:
+        return None
+
+
+def _local(moment: datetime | None) -> datetime | None:
+    # Naive, in the current time zone, when USE_TZ is False, as
+    # timezone.now() returns it then.
+    if moment is None or settings.USE_TZ:
+        return moment
+    return timezone.make_naive(moment)
+
+
 def _aware(moment: datetime) -> datetime:
     if timezone.is_aware(moment):
         return moment
@@ -202,10 +237,11 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _errors(job: Job) -> list[Any]:
-    paths = job.meta.get("exception_paths", [])
+    # The exception class of each failed attempt, by attempt number.
+    paths = job.meta.get("exception_paths", {})
     errors = []
-    for index, error in enumerate(job.errors):
-        path = paths[index] if index < len(paths) else "builtins.Exception"
+    for error in job.errors:
+        path = paths.get(str(error["attempt"]), "builtins.Exception")
         errors.append(TaskError(exception_class_path=path, traceback=error["error"]))
     return errors
 
@@ -213,45 +249,68 @@ def _errors(job: Job) -> list[Any]:
 class TaskWorker(Worker):
     """Runs one django.tasks task, imported by its module path.
 
-    Sends ``task_started`` before the call and ``task_finished`` after it,
-    from the worker thread (or the inserting thread, in inline mode).
+    Sends ``task_started`` before the call, from the worker thread (or the
+    inserting thread, in inline mode). ``task_finished`` follows once the
+    job has reached its final state; see `_send_finished`.
     """
 
     max_attempts = 1
 
     def perform(self, job: Job) -> Any:
-        backend = _backend(job.args["backend"])
-        task = _task_of(job)
-        job.meta.setdefault("worker_ids", []).append(
-            f"{backend.worker_id}:{threading.current_thread().name}"
-        )
-        result = backend._result(job, task)
-        object.__setattr__(result, "status", TaskResultStatus.RUNNING)
-        task_started.send(type(backend), task_result=result)
+        if job.attempted_at is not None:
+            job.meta.setdefault("started_at", job.attempted_at.isoformat())
         try:
-            value = self._call(task, result, job)
+            backend = _backend(job.args["backend"])
+            task = _task_of(job)
+            job.meta.setdefault("worker_ids", []).append(
+                f"{backend.worker_id}:{threading.current_thread().name}"
+            )
+            result = backend._result(job, task)
+            object.__setattr__(result, "status", TaskResultStatus.RUNNING)
+            task_started.send(type(backend), task_result=result)
+            return normalize_json(self._call(task, result, job))
         except BaseException as error:
             kind = type(error)
-            job.meta.setdefault("exception_paths", []).append(
+            job.meta.setdefault("exception_paths", {})[str(job.attempt)] = (
                 f"{kind.__module__}.{kind.__qualname__}"
             )
-            final = job.attempt >= job.max_attempts or isinstance(
-                error, KeyboardInterrupt
-            )
-            if final:
-                object.__setattr__(result, "status", TaskResultStatus.FAILED)
-                task_finished.send(type(backend), task_result=result)
             raise
-        object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
-        object.__setattr__(result, "_return_value", value)
-        task_finished.send(type(backend), task_result=result)
-        return value
 
     def _call(self, task: Any, result: Any, job: Job) -> Any:
         args, kwargs = job.args["args"], job.args["kwargs"]
         if task.takes_context:
             return task.call(TaskContext(task_result=result), *args, **kwargs)
         return task.call(*args, **kwargs)
+
+
+def _send_finished(
+    event: str, measurements: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> None:
+    # A job.stop handler: sends task_finished once a task's job is final, so
+    # that receivers see finished_at and the last error, and can read the
+    # result again. It never raises, because events detaches a handler that
+    # does, and a receiver's error must not fail a task that has finished.
+    job = metadata["job"]
+    if job.worker != TaskWorker._stagehand_path or not job.state.is_final:
+        return
+    try:
+        backend = _backend(job.args["backend"])
+        result = backend._result(job, _task_of(job))
+        responses = task_finished.send_robust(type(backend), task_result=result)
+    except Exception:
+        logger.exception("sending task_finished for task %s failed", job.id)
+        return
+    for receiver, response in responses:
+        if isinstance(response, Exception):
+            logger.error(
+                "task_finished receiver %r failed for task %s",
+                receiver,
+                job.id,
+                exc_info=response,
+            )
+
+
+events.attach("stagehand_django.tasks", ["job.stop"], _send_finished)
 
 
 def _backend(alias: str) -> StagehandBackend:
