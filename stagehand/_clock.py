@@ -37,6 +37,15 @@ class Clock:
     def wait(self, condition: threading.Condition, timeout: float | None) -> None:
         raise NotImplementedError
 
+    def due(self, when: object, monotonic: float, delay: float) -> float:
+        """Return the `monotonic()` reading at which the time `when` comes.
+
+        `when` is `delay` seconds after the moment that read `monotonic`.
+        The wall clock and the monotonic one are separate, so the result is
+        ``monotonic + delay``; `FakeClock` ties the two together.
+        """
+        return monotonic + delay
+
 
 class SystemClock(Clock):
     """The real clock: `time.monotonic()` and `datetime.now(UTC)`."""
@@ -130,8 +139,13 @@ class FakeClock(Clock):
                 f"seconds must be finite and keep the clock within 1,000 years of "
                 f"its start; got {seconds!r}"
             )
+        return self._move_to(self._elapsed + float(seconds))
+
+    def _move_to(self, elapsed: float) -> datetime:
+        # Sets the seconds since the start, never backwards, and wakes every
+        # waiting thread.
         with self._lock:
-            self._elapsed += float(seconds)
+            self._elapsed = max(self._elapsed, elapsed)
             waiting = list(self._waiting)
         for condition in waiting:
             with condition:
@@ -146,13 +160,31 @@ class FakeClock(Clock):
             or when.utcoffset() is None
         ):
             raise ValueError(f"when must be an aware datetime; got {when!r}")
-        delta = (when - self.now()).total_seconds()
-        if delta < 0:
+        if when < self.now():
             raise ValueError(
                 f"a clock cannot go back; {when.isoformat()} is before "
                 f"{self.now().isoformat()}"
             )
-        return self.advance(delta)
+        # Exactly the reading that due() gives for `when`, so that a job
+        # due then is due now: advancing by the difference could land a
+        # fraction of a microsecond short.
+        target = (when - self._start).total_seconds()
+        if target > _MAX_FAKE_SECONDS:
+            raise ValueError(
+                f"when must keep the clock within 1,000 years of its start; got "
+                f"{when.isoformat()}"
+            )
+        return self._move_to(target)
+
+    def due(self, when: object, monotonic: float, delay: float) -> float:
+        """Return the reading of `monotonic()` at which `when` comes.
+
+        Computed from `when` itself, as `set(when)` moves the clock, so a
+        job scheduled for `when` is due once the clock is set to it.
+        """
+        if isinstance(when, datetime):
+            return (when - self._start).total_seconds()
+        return monotonic + delay
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self.now().isoformat()})"

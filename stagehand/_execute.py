@@ -287,7 +287,10 @@ class Executor:
             delay = self._backoff(job, worker)
             retry_at = now + timedelta(seconds=delay)
             if self._instance._hold(
-                job, JobState.RETRYABLE, retry_at, monotonic + delay
+                job,
+                JobState.RETRYABLE,
+                retry_at,
+                self._clock.due(retry_at, monotonic, delay),
             ):
                 logger.info(
                     "job %s (%s) failed attempt %d of %d, retrying in %.1f s",
@@ -361,7 +364,10 @@ class Executor:
         wake_at = self._clock.now() + timedelta(seconds=seconds)
         job.max_attempts += 1
         if not self._instance._hold(
-            job, JobState.SCHEDULED, wake_at, monotonic + seconds
+            job,
+            JobState.SCHEDULED,
+            wake_at,
+            self._clock.due(wake_at, monotonic, seconds),
         ):
             # cancel_job ran after the check above.
             job.max_attempts -= 1

@@ -644,7 +644,9 @@ class Stagehand(Control):
             if delay > 0:
                 self._live[job.id] = job  # type: ignore[index]
                 self._scheduler.add_job(  # type: ignore[union-attr]
-                    job, self.clock.monotonic() + delay, new=True
+                    job,
+                    self.clock.due(job._scheduled_at, self.clock.monotonic(), delay),
+                    new=True,
                 )
             else:
                 # The push makes the job live once it is queued.
@@ -695,7 +697,9 @@ class Stagehand(Control):
                 self._live[job_id] = job
                 try:
                     self._scheduler.add_job(  # type: ignore[union-attr]
-                        job, self.clock.monotonic() + delay, new=True
+                        job,
+                        self.clock.due(scheduled_at, self.clock.monotonic(), delay),
+                        new=True,
                     )
                 except ShuttingDown:
                     self._live.pop(job_id, None)
@@ -799,7 +803,9 @@ class Stagehand(Control):
             for job, delay in zip(batch, delays, strict=True):
                 if delay > 0:
                     job.state = JobState.SCHEDULED
-                    scheduled.append((monotonic + delay, job))
+                    scheduled.append(
+                        (self.clock.due(job._scheduled_at, monotonic, delay), job)
+                    )
                 else:
                     by_queue.setdefault(job.queue, []).append(job)
                 live[job.id] = job  # type: ignore[index]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from support import HANG_GUARD
 
-from stagehand import FakeClock
+import stagehand
+from stagehand import FakeClock, testing
 
 
 def test_advance_moves_both_clocks() -> None:
@@ -81,3 +83,39 @@ def test_set_rejects_past_and_naive() -> None:
         clock.set(datetime(2027, 1, 1))
     with pytest.raises(ValueError, match="aware datetime"):
         FakeClock(datetime(2026, 1, 1))
+
+
+def test_set_reaches_a_due_time_exactly() -> None:
+    # A delay that rounds down to the microsecond: the datetime of the due
+    # time is a little earlier than the delay, and set() must still reach it.
+    clock = FakeClock()
+    for delay in (15.0000004, 0.1, 1 / 3, 86_400.00000049):
+        when = clock.now() + timedelta(seconds=delay)
+        due = clock.due(when, clock.monotonic(), delay)
+        clock.set(when)
+        assert clock.now() == when
+        assert clock.monotonic() >= due
+
+
+class _RetryOnce(stagehand.Worker):
+    max_attempts = 2
+
+    def backoff(self, job: stagehand.Job) -> float:
+        return 15.0000004  # rounds down to the microsecond
+
+    def perform(self, job: stagehand.Job) -> None:
+        if job.attempt == 1:
+            raise RuntimeError("first attempt fails")
+
+
+def test_retry_runs_once_clock_set_to_scheduled_at() -> None:
+    clock = FakeClock()
+    with stagehand.Stagehand(
+        name="clock-retry", clock=clock, queues={"default": 1}
+    ) as sh:
+        job = sh.insert(_RetryOnce.new({}))
+        testing.wait_for_job(job, "retryable", instance=sh, timeout=HANG_GUARD)
+        clock.set(job.scheduled_at)  # type: ignore[arg-type]
+        testing.wait_for_job(job, "completed", instance=sh, timeout=HANG_GUARD)
+
+    assert job.attempt == 2
