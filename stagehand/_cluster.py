@@ -1107,35 +1107,52 @@ class Cluster:
             self._send_entries(owner, entries)
 
     def _send_entries(
-        self, peer_id: str, entries: list[dict[str, Any]], *, tries: int = 3
+        self,
+        peer_id: str,
+        entries: list[dict[str, Any]],
+        *,
+        tries: int = 3,
+        gone: frozenset[str] = frozenset(),
     ) -> None:
         # In chunks that fit in a frame; an entry that fits in none is lost.
-        # Entries whose owner has left go to their owner among the members
-        # that remain.
+        # Entries whose owner has left, or closed before they reached it, go
+        # to their owner among the members that remain. A peer that left
+        # while this one was leaving sent it no leave message, so a closed
+        # connection is how this peer learns of it.
         if not entries:
             return
         with self._lock:
             member = self._members.get(peer_id)
-            order = sorted(self._members)
-        if member is None:
-            if not order or tries == 0:
-                logger.warning(
-                    "%d unique entries not handed to peer %s, which left",
-                    len(entries),
-                    peer_id,
+            order = sorted(set(self._members) - gone - {peer_id})
+        undelivered: list[dict[str, Any]] = []
+        if member is not None and peer_id not in gone:
+            for start in range(0, len(entries), _ENTRY_BATCH):
+                undelivered += self._send_entry_chunk(
+                    member, entries[start : start + _ENTRY_BATCH]
                 )
+            if not undelivered:
                 return
-            regrouped: dict[str, list[dict[str, Any]]] = {}
-            for entry in entries:
-                owner = ranked(entry["fingerprint"], order)[0]
-                regrouped.setdefault(owner, []).append(entry)
-            for owner, group in regrouped.items():
-                self._send_entries(owner, group, tries=tries - 1)
+        else:
+            undelivered = entries
+        if not order or tries == 0:
+            logger.warning(
+                "%d unique entries not handed to peer %s, which left",
+                len(undelivered),
+                peer_id,
+            )
             return
-        for start in range(0, len(entries), _ENTRY_BATCH):
-            self._send_entry_chunk(member, entries[start : start + _ENTRY_BATCH])
+        regrouped: dict[str, list[dict[str, Any]]] = {}
+        for entry in undelivered:
+            owner = ranked(entry["fingerprint"], order)[0]
+            regrouped.setdefault(owner, []).append(entry)
+        for owner, group in regrouped.items():
+            self._send_entries(owner, group, tries=tries - 1, gone=gone | {peer_id})
 
-    def _send_entry_chunk(self, member: _Member, entries: list[dict[str, Any]]) -> None:
+    def _send_entry_chunk(
+        self, member: _Member, entries: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        # Returns the entries that may not have reached the member, because
+        # its connection closed.
         try:
             member.connection.request(
                 {"type": "entries", "entries": entries}, self.settings.request_timeout
@@ -1149,17 +1166,23 @@ class Cluster:
                     member.peer_id,
                     error,
                 )
-                return
+                return []
             half = len(entries) // 2
-            self._send_entry_chunk(member, entries[:half])
-            self._send_entry_chunk(member, entries[half:])
+            return self._send_entry_chunk(
+                member, entries[:half]
+            ) + self._send_entry_chunk(member, entries[half:])
         except ChannelError as error:
-            logger.warning(
-                "%d unique entries not handed to peer %s: %s",
+            # They may have arrived before the connection closed, but an
+            # entry held by two peers is harmless, unlike a job run twice,
+            # so they go to the next owner.
+            logger.info(
+                "%d unique entries may not have reached peer %s: %s",
                 len(entries),
                 member.peer_id,
                 error,
             )
+            return entries
+        return []
 
     def _move_entries_to(self, member: _Member) -> None:
         # Sends `member` the entries it owns now that it is a member.

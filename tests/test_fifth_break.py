@@ -130,9 +130,12 @@ def test_departing_peer_is_not_joined_again(peers: Peers) -> None:
     assert seen == ["peer.leave"]
 
 
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed", "unnoticed"])
 def test_entries_skip_owner_that_left(
-    peers: Peers, monkeypatch: pytest.MonkeyPatch
+    peers: Peers, monkeypatch: pytest.MonkeyPatch, noticed: bool
 ) -> None:
+    # `noticed`: the first peer has seen the second one's connection close
+    # before it sends the entries; otherwise only the send finds out.
     first = peers.start(shutdown_grace_period=HANG_GUARD)
     second = peers.start(first)
     survivor = peers.start(first)
@@ -176,6 +179,8 @@ def test_entries_skip_owner_that_left(
     try:
         stopper.start()
         assert hold.entered.wait(HANG_GUARD)
+        if not noticed:
+            monkeypatch.setattr(first_cluster, "_lost", lambda member: None)
         second.stop()
         wait_until(lambda: second_id not in survivor_cluster._departing)
         hold.release.set()
