@@ -179,11 +179,13 @@ class FakeClock(Clock):
     def due(self, when: object, monotonic: float, delay: float) -> float:
         """Return the reading of `monotonic()` at which `when` comes.
 
-        Computed from `when` itself, as `set(when)` moves the clock, so a
-        job scheduled for `when` is due once the clock is set to it.
+        `when` is cut to the microsecond and the delay is not, so the two
+        can differ by less than a microsecond. The earlier one counts, so
+        that the job is due both after ``set(when)`` and after
+        ``advance(delay)``.
         """
         if isinstance(when, datetime):
-            return (when - self._start).total_seconds()
+            return min((when - self._start).total_seconds(), monotonic + delay)
         return monotonic + delay
 
     def __repr__(self) -> str:

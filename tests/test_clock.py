@@ -119,3 +119,15 @@ def test_retry_runs_once_clock_set_to_scheduled_at() -> None:
         testing.wait_for_job(job, "completed", instance=sh, timeout=HANG_GUARD)
 
     assert job.attempt == 2
+
+
+def test_advance_reaches_a_due_time_too() -> None:
+    # After an advance by a fraction of a microsecond, now() rounds up; a
+    # job due `delay` later must be due after advance(delay) as well.
+    clock = FakeClock()
+    clock.advance(0.0000006)
+    when = clock.now() + timedelta(seconds=1)
+    due = clock.due(when, clock.monotonic(), 1.0)
+    clock.advance(1.0)
+
+    assert clock.monotonic() >= due
