@@ -275,8 +275,10 @@ class Executor:
         error: BaseException | None,
         duration: float,
     ) -> None:
-        monotonic = self._clock.monotonic()
+        # The wall time first: with a FakeClock moved by another thread in
+        # between, the due time then cannot come before scheduled_at.
         now = self._clock.now()
+        monotonic = self._clock.monotonic()
         job.errors.append(
             {"attempt": job.attempt, "at": now.isoformat(), "error": text}
         )
@@ -360,8 +362,8 @@ class Executor:
             return
         # A snooze does not use up an attempt: the attempt still counts, and
         # max_attempts grows by one to make up for it.
-        monotonic = self._clock.monotonic()
         wake_at = self._clock.now() + timedelta(seconds=seconds)
+        monotonic = self._clock.monotonic()
         job.max_attempts += 1
         if not self._instance._hold(
             job,

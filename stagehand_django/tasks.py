@@ -210,7 +210,9 @@ def _task_of(job: Job) -> Any:
     return task.using(
         priority=options["priority"],
         queue_name=options["queue_name"],
-        run_after=None if run_after is None else datetime.fromisoformat(run_after),
+        run_after=None
+        if run_after is None
+        else _local(datetime.fromisoformat(run_after)),
         backend=job.args["backend"],
     )
 
@@ -297,7 +299,9 @@ def _send_finished(
         backend = _backend(job.args["backend"])
         result = backend._result(job, _task_of(job))
         responses = task_finished.send_robust(type(backend), task_result=result)
-    except Exception:
+    except BaseException:
+        # BaseException too: events detaches a handler for anything but
+        # KeyboardInterrupt and JobTimeout, which it lets through.
         logger.exception("sending task_finished for task %s failed", job.id)
         return
     for receiver, response in responses:
