@@ -96,7 +96,8 @@ def check_max_attempts(value: object, name: str = "max_attempts") -> int:
 def check_tags(
     value: object, name: str = "tags", example: str = 'tags=["billing"]'
 ) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    # A dict would pass as the list of its keys, which is rarely meant.
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
         raise InvalidOption(
             f"{name} must be a list or tuple of strings; got {value!r}. "
             f"Write a list, such as {example}."
@@ -280,6 +281,13 @@ def normalize_unique(value: object) -> dict[str, Any] | None:
     keys = value.get("keys")
     if keys is not None:
         keys = sorted(check_tags(keys, "unique keys", 'unique={"keys": ["account"]}'))
+        if not keys:
+            # No key would make every job of the worker a duplicate of every
+            # other, whatever its args.
+            raise InvalidOption(
+                "unique keys must name at least one key of args or meta, or be "
+                'None for all of them; got []. Write unique={"keys": ["account"]}'
+            )
     states = _check_choices("unique states", value.get("states"), _STATE_NAMES)
     return {
         "period": period,

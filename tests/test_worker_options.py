@@ -114,6 +114,8 @@ def test_args_are_copied_through_json() -> None:
         ({"unique": {"states": ["finished"]}}, "got 'finished'"),
         ({"unique": {"fields": []}}, "must not be empty"),
         ({"queu": "x"}, "unknown job options ['queu']"),
+        ({"tags": {"billing": 1}}, "tags must be a list or tuple of strings"),
+        ({"unique": {"keys": []}}, "unique keys must name at least one key"),
     ],
 )
 def test_new_rejects_bad_option(options: dict[str, object], message: str) -> None:
