@@ -138,11 +138,7 @@ def _check_leader_lock(value: object) -> str | None:
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidOption(f"{name} must be a number of seconds; got {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        # An int too large for a float.
-        seconds = math.inf
+    seconds = _options.as_float(value)
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise InvalidOption(
             f"{name} must be a finite number of seconds >= 0; got {_options.short_repr(value)}"

@@ -80,7 +80,7 @@ def check_priority(value: object, name: str = "priority") -> int:
     return value  # type: ignore[return-value]
 
 
-# The most attempts a job may have. JSON carries it to other peers, and a
+# The maximum of max_attempts. JSON carries it to other peers, and each
 # snooze adds one, so it stays well inside a 64-bit int.
 MAX_ATTEMPTS = 2**62
 
@@ -217,6 +217,14 @@ def normalize_json_dict(value: object, name: str) -> dict[str, Any]:
     return decoded  # type: ignore[no-any-return]
 
 
+def as_float(value: float) -> float:
+    """Return `value` as a float, or infinity for an int too large for one."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def short_repr(value: object) -> str:
     """Return a repr cut to a readable length, even for an int too long to print."""
     try:
@@ -266,11 +274,7 @@ def normalize_unique(value: object) -> dict[str, Any] | None:
             raise InvalidOption(
                 f"unique period must be seconds > 0 or None; got {period!r}"
             )
-        try:
-            seconds = float(period)
-        except OverflowError:
-            # An int too large for a float.
-            seconds = math.inf
+        seconds = as_float(period)
         if not math.isfinite(seconds) or seconds <= 0:
             raise InvalidOption(
                 f"unique period must be a finite number of seconds > 0, or None "

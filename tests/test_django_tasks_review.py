@@ -145,17 +145,24 @@ def test_finished_receiver_error_no_rerun(
     assert fetched.status == TaskResultStatus.SUCCESSFUL
 
 
+def run_two_attempts(
+    instance: stagehand.Stagehand, clock: stagehand.FakeClock, result_id: str
+) -> None:
+    """Drain the mailers queue, move the clock to the retry, drain again."""
+    drain_queue("mailers")
+    job = instance.get_job(result_id)
+    assert job is not None
+    assert job.scheduled_at is not None
+    clock.set(job.scheduled_at)
+    drain_queue("mailers")
+
+
 def test_started_at_is_first_attempt() -> None:
     clock = stagehand.FakeClock()
     with started("manual", retrying(), clock=clock) as instance:
         result = tasks.fail.enqueue("boom")
         first = clock.now()
-        drain_queue("mailers")
-        job = instance.get_job(result.id)
-        assert job is not None
-        assert job.scheduled_at is not None
-        clock.set(job.scheduled_at)
-        drain_queue("mailers")
+        run_two_attempts(instance, clock, result.id)
         fetched = tasks.fail.get_result(result.id)
     assert fetched.status == TaskResultStatus.FAILED
     assert fetched.attempts == 2
@@ -177,12 +184,7 @@ def test_each_error_keeps_its_own_exception_class() -> None:
         receiving(task_started, receive),
     ):
         result = tasks.fail.enqueue("boom")
-        drain_queue("mailers")
-        job = instance.get_job(result.id)
-        assert job is not None
-        assert job.scheduled_at is not None
-        clock.set(job.scheduled_at)
-        drain_queue("mailers")
+        run_two_attempts(instance, clock, result.id)
         fetched = tasks.fail.get_result(result.id)
     assert "RuntimeError: monitoring is down" in fetched.errors[0].traceback
     assert "ValueError: boom" in fetched.errors[1].traceback

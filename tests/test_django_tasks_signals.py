@@ -5,7 +5,7 @@ Each test guards a bug that a review found, now fixed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -18,6 +18,7 @@ import stagehand
 from stagehand import events
 from stagehand_django import lifecycle
 from stagehand_django.tasks import TaskResultStatus, task_finished
+from tests.test_django_tasks_review import receiving
 
 QUEUES = {"default": 2, "mailers": 1}
 
@@ -34,15 +35,6 @@ def started(mode: str) -> Iterator[stagehand.Stagehand]:
             yield instance
         finally:
             lifecycle.stop()
-
-
-@contextmanager
-def receiving(signal: Any, receiver: Callable[..., None]) -> Iterator[None]:
-    signal.connect(receiver, weak=False)
-    try:
-        yield
-    finally:
-        signal.disconnect(receiver)
 
 
 def test_receiver_base_exception_keeps_handler() -> None:

@@ -2,8 +2,8 @@
 
 Peers run in this process on 127.0.0.1 with listed addresses, as in
 tests/test_cluster.py. Peer ids are fixed where the leader matters, and
-hooks on methods set the order of events. Each test is marked xfail with
-the bug it shows.
+hooks on methods set the order of events. Each test guards a bug that a
+review found, now fixed.
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def cron_slots(*instances: stagehand.Stagehand) -> list[str]:
     )
 
 
+def record_leaders(handler_id: str, instance: stagehand.Stagehand) -> list[str]:
+    """Attach a leader.change handler; return the list of leaders it records."""
+    seen: list[str] = []
+
+    def record(event: str, measurements: Any, metadata: Any) -> None:
+        if metadata["instance"] == instance.name:
+            seen.append(metadata["leader"])
+
+    events.attach(handler_id, ["leader.change"], record)
+    return seen
+
+
 def test_stale_leader_update_loses(
     peers: Peers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,13 +97,7 @@ def test_stale_leader_update_loses(
         real_set_leader(leader)
 
     monkeypatch.setattr(leadership, "set_leader", set_leader_after_the_join)
-    seen: list[str] = []
-
-    def record(event: str, measurements: Any, metadata: Any) -> None:
-        if metadata["instance"] == first.name:
-            seen.append(metadata["leader"])
-
-    events.attach("sixth-leader", ["leader.change"], record)
+    seen = record_leaders("sixth-leader", first)
     cleanup: list[Any] = []
     try:
         run_in_thread(cleanup, leaving.stop)
@@ -145,7 +151,7 @@ def test_slot_during_join_runs_once(
     old.start()
     assert old.leadership.is_leader
     # A listed address that accepts the connection and never sends a reply
-    # holds the new peer's start() until the listener closes.
+    # keeps the new peer's start() waiting until the listener closes.
     silent = socket.create_server(("127.0.0.1", 0))
     joining = new_peer(
         peers,
@@ -257,13 +263,7 @@ def test_stopping_peer_not_reported_leader(
     HeldWorker.GATE = Gate()
     HeldWorker.new({}).insert(stopping)
     assert HeldWorker.GATE.entered.wait(HANG_GUARD)
-    seen: list[str] = []
-
-    def record(event: str, measurements: Any, metadata: Any) -> None:
-        if metadata["instance"] == stopping.name:
-            seen.append(metadata["leader"])
-
-    events.attach("sixth-stopping", ["leader.change"], record)
+    seen = record_leaders("sixth-stopping", stopping)
     cleanup: list[Any] = []
     try:
         # The peer stops and waits for its job. Meanwhile the leader stops.
