@@ -807,6 +807,7 @@ def run_peer(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     PEER_LOG.open(out / f"{label}.jsonl")
+
     ports = [int(port) for port in args.ports.split(",")]
     instance = stagehand.Stagehand(
         name=label,
@@ -822,6 +823,7 @@ def run_peer(args: argparse.Namespace) -> int:
         },
     )
     instance.start()
+
     stop_inserting = threading.Event()
     seed = args.seed * 10_000 + args.index * 100 + args.generation
     inserter = threading.Thread(
@@ -831,6 +833,8 @@ def run_peer(args: argparse.Namespace) -> int:
     )
     inserter.start()
     print(f"ready {instance.check_cluster()['peer']}", flush=True)  # type: ignore[index]
+
+    # Commands from the parent, one per line.
     try:
         for line in sys.stdin:
             command = line.strip()
@@ -1083,6 +1087,7 @@ _COUNT_LOST = re.compile(
 def _check_cluster_files(
     folder: Path, seconds: float, seed: int, restarts: list[str]
 ) -> int:
+    # The peers' records: inserts, conflicts, inserts in doubt and runs.
     inserted: dict[str, dict[str, Any]] = {}
     conflicts: list[dict[str, Any]] = []
     doubts: list[dict[str, Any]] = []
@@ -1099,6 +1104,8 @@ def _check_cluster_files(
                 conflicts.append(record)
             else:
                 inserted[record["id"]] = record
+
+    # The peers' logs: jobs given up by a hand-over, and error lines.
     given_up: set[str] = set()
     counted_lost = 0
     log_errors: list[str] = []
@@ -1117,6 +1124,8 @@ def _check_cluster_files(
                 counted_lost += sum(int(group) for group in match.groups() if group)
             if " ERROR " in line or " CRITICAL " in line:
                 log_errors.append(f"{path.name}: {line}")
+
+    # Each job ran once, with attempt 1, and only if an insert returned it.
     violations: list[str] = []
     doubted_keys = {record["key"] for record in doubts}
     for job_id, record in inserted.items():
@@ -1138,6 +1147,8 @@ def _check_cluster_files(
             violations.append(
                 f"job {job_id}: ran in pid {records[0]['pid']}, but no insert returned it"
             )
+
+    # No unique key ran as two jobs.
     by_key: dict[int, set[str]] = defaultdict(set)
     for job_id, records in runs.items():
         key = records[0]["key"]
@@ -1158,11 +1169,14 @@ def _check_cluster_files(
             violations.append(
                 f"unique key {key}: ran as {len(job_ids)} jobs within its period: {'; '.join(where)}"
             )
+
+    # Each conflict copy names a job that exists.
     for record in conflicts:
         if record["id"] not in inserted and record["id"] not in runs:
             violations.append(
                 f"conflict copy of key {record['key']} names job {record['id']}, which nobody inserted"
             )
+
     total_runs = sum(len(records) for records in runs.values())
     print(f"soak: cluster of 3 peers, {seconds:g} s, seed {seed}")
     print(f"  restarts: {restarts}")

@@ -284,8 +284,9 @@ class Cron(Plugin):
 
     def _on_leadership(self, leader: bool) -> None:
         # Runs in the thread that changes leadership, such as a cluster's
-        # join handler. The cron thread inserts without the lock, so this
-        # never waits for an insert, which may itself wait for that join.
+        # join handler. The cron thread releases the lock while it inserts
+        # (see _insert_unlocked), so this does not wait for an insert, which
+        # may itself wait for that join.
         with self._cond:
             if leader and not self._leader and self._thread is not None:
                 self._cursor = self._resume_cursor()

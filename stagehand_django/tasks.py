@@ -290,8 +290,8 @@ def _send_finished(
 ) -> None:
     # A job.stop handler: sends task_finished once a task's job is final, so
     # that receivers see finished_at and the last error, and can read the
-    # result again. It never raises, because events detaches a handler that
-    # does, and a receiver's error must not fail a task that has finished.
+    # result again. It catches every error, because events detaches a
+    # handler that raises, and a receiver's error must not fail the task.
     job = metadata["job"]
     if job.worker != TaskWorker._stagehand_path or not job.state.is_final:
         return

@@ -40,6 +40,8 @@ def insert_hook(job: Job, instance: Stagehand, on_commit: bool | None) -> Job:
     # so threads without a transaction (cron, worker threads) stay
     # connection-free.
     connection = connections[DEFAULT_DB_ALIAS]
+    # NOTE: only job.insert() comes here; instance.insert(job) of a job that
+    # waits for the commit is accepted, and the insert at commit then fails.
     if connection.in_atomic_block and _waits_for_commit(connection, job):
         raise InvalidOption(
             f"job for {job.worker} was already inserted: it waits for the "

@@ -36,13 +36,13 @@ def peers() -> Iterator[Peers]:
     group.stop_all()
 
 
-def args_owned_by(wanted: str, peer_ids: list[str]) -> dict[str, Any]:
-    """Return args whose unique fingerprint `wanted` owns among `peer_ids`."""
+def args_owned_by(owner_id: str, peer_ids: list[str]) -> dict[str, Any]:
+    """Return args whose unique fingerprint `owner_id` owns among `peer_ids`."""
     for n in range(1000):
         job = WhereWorker.new({"n": n}, unique=UNIQUE)
-        if owner(fingerprint(job), peer_ids) == wanted:
+        if owner(fingerprint(job), peer_ids) == owner_id:
             return {"n": n}
-    raise AssertionError(f"no fingerprint of 1,000 is owned by {wanted}")
+    raise AssertionError(f"no fingerprint of 1,000 is owned by {owner_id}")
 
 
 def test_duplicate_during_graceful_leave(
@@ -159,7 +159,7 @@ def moved_then_completed(
 ) -> tuple[stagehand.Stagehand, stagehand.Stagehand, dict[str, Any], stagehand.Job]:
     """Return (holder, owner, args, job): a join moved the entry of the
     holder's queued job to the owner, and the job then completed on the
-    holder. The owner's entry still says available."""
+    holder. The owner's entry still records it as available."""
     holder = peers.start(queues=PAUSED)
     owner = new_peer(peers, holder)
     args = args_owned_by(peer_id(owner), [peer_id(holder), peer_id(owner)])

@@ -149,7 +149,8 @@ def test_insert_rejects_used_hand_built_job(fields: dict[str, Any]) -> None:
 )
 def test_jobs_rejects_bad_queue_filter(queue: Any, error: Any) -> None:
     # check_queue, pause_queue and the testing assertions all raise for a
-    # queue that is not configured. jobs() returns [] as if it were empty.
+    # queue that is not configured, so jobs() raises too rather than return
+    # [] as if the queue were empty.
     with stagehand.Stagehand(
         name=unique_name("sixth"), testing="manual", queues={"mailers": 1}
     ) as instance:

@@ -68,8 +68,8 @@ class Command(BaseCommand):
                 except CommandError as error:
                     if watch is None:
                         raise
-                    # Watching goes on, so that it sees the processes again
-                    # after a restart.
+                    # Watching goes on, so that it reports the processes
+                    # again after a restart.
                     self.stderr.write(str(error))
                 if watch is None:
                     return
