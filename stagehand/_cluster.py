@@ -94,6 +94,9 @@ _ENTRY_BATCH = 1000
 # Jobs per adopt request: about 300 bytes each in JSON, well under the
 # channel's frame limit of 1 MiB.
 _BATCH = 1000
+# Inserts a unique job on this peer, given a test of whether this peer owns
+# a fingerprint: `Stagehand._insert_unique_here`.
+InsertHere = Callable[[Job, Callable[[str], bool] | None], Job | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -761,7 +764,7 @@ class Cluster:
 
     # Unique jobs
 
-    def insert_unique(self, job: Job, insert_here: Callable[[Job], Job]) -> Job:
+    def insert_unique(self, job: Job, insert_here: InsertHere) -> Job:
         """Insert a validated unique job on the peer that owns its fingerprint.
 
         Falls back to the next peer in rendezvous order when the owner
@@ -770,9 +773,11 @@ class Cluster:
         key = fingerprint(job)
         with self._lock:
             candidates = [self.peer_id, *self._members]
-        for owner in ranked(key, candidates):
+        for index, owner in enumerate(ranked(key, candidates)):
             if owner == self.peer_id:
-                return self.insert_owned(job, insert_here)
+                # Past the first place, the peers ranked before this one
+                # did not take the job, so it is inserted here as it is.
+                return self.insert_owned(job, insert_here, check=index == 0)
             with self._lock:
                 member = self._members.get(owner)
             if member is None:
@@ -791,7 +796,7 @@ class Cluster:
                     owner,
                     error,
                 )
-                return self.insert_owned(job, insert_here)
+                return self.insert_owned(job, insert_here, check=False)
             except NotDelivered as error:
                 logger.warning(
                     "unique job for %s not sent to its owner %s: %s",
@@ -810,6 +815,9 @@ class Cluster:
                     f"look for it on {owner} before inserting it again"
                 ) from None
             if reply.get("error") == "leaving":
+                # Its leave request may not have arrived yet. Noting it now
+                # makes the next owner wait for the entries it hands over.
+                self._on_leave(owner)
                 continue
             if "refused" in reply:
                 logger.warning(
@@ -824,16 +832,19 @@ class Cluster:
                     f"peer {owner} failed to insert the job: {reply['error']}"
                 )
             return _apply_reply(job, reply)
-        return self.insert_owned(job, insert_here)
+        return self.insert_owned(job, insert_here, check=False)
 
-    def insert_owned(self, job: Job, insert_here: Callable[[Job], Job]) -> Job:
+    def insert_owned(
+        self, job: Job, insert_here: InsertHere, *, check: bool = True
+    ) -> Job:
         """Insert a unique job that this peer owns, with `insert_here`.
 
         Before the duplicate check, an entry for a job on another peer gets
-        that job's current state from it.
+        that job's current state from it. With `check`, the duplicate check
+        also makes sure that this peer still owns the fingerprint, and
+        sends the job to its owner if another peer has joined since.
+        Without it, the job is inserted here as the last resort.
         """
-        # NOTE: with peers joining and leaving every few seconds, a duplicate
-        # can still pass: once in six one-minute runs of bench.soak --cluster.
         self._await_hand_overs()
         key = fingerprint(job)
         entry = self.instance._unique.peek(key)
@@ -841,7 +852,19 @@ class Cluster:
         # job is asked about.
         if isinstance(entry, RemoteEntry) and not entry.state.is_final:
             self._refresh(key, entry)
-        return insert_here(job)
+        inserted = insert_here(job, self._owns if check else None)
+        if inserted is not None:
+            return inserted
+        # A peer that joined after this one was chosen now owns the
+        # fingerprint, and this peer's entry for it has moved there.
+        logger.debug("unique job for %s goes to the peer that just joined", job.worker)
+        return self.insert_unique(job, insert_here)
+
+    def _owns(self, key: str) -> bool:
+        # Whether this peer owns fingerprint `key` among the members now.
+        with self._lock:
+            peers = [self.peer_id, *self._members]
+        return ranked(key, peers)[0] == self.peer_id
 
     def _await_hand_overs(self) -> None:
         # Waits until each leaving member has handed over its unique entries,
@@ -901,9 +924,18 @@ class Cluster:
         except ValueError:
             logger.warning("peer %s reported an unknown state %r", entry.holder, state)
 
-    def _receive_entries(self, sender: str, entries: list[Any]) -> None:
+    def _receive_entries(
+        self, sender: str, entries: list[Any], *, forwarded: bool = False
+    ) -> None:
+        # Stores the entries that this peer owns. The sender may not know
+        # a member that joined lately, so an entry that this member owns goes
+        # on to it, once, before the reply: a leaving sender reports that it
+        # has handed everything over only after that.
         table = self.instance._unique
         timer = self.instance.clock.monotonic
+        with self._lock:
+            peers = [self.peer_id, *self._members]
+        onward: dict[str, list[dict[str, Any]]] = {}
         for entry in entries:
             try:
                 key, job, expires_in = _entry_from_wire(entry, sender)
@@ -914,7 +946,13 @@ class Cluster:
                     error,
                 )
                 continue
+            owner = ranked(key, peers)[0]
+            if owner != self.peer_id and owner != sender and not forwarded:
+                onward.setdefault(owner, []).append({**entry, "holder": job.holder})
+                continue
             table.put(key, job, timer() + expires_in)
+        for owner, group in onward.items():
+            self._send_entries(owner, group, forwarded=True)
 
     def _entries_owned_by(
         self, owners: list[str], keep: Callable[[str], bool], *, stopping: bool = False
@@ -1115,6 +1153,7 @@ class Cluster:
         *,
         tries: int = 3,
         failed: frozenset[str] = frozenset(),
+        forwarded: bool = False,
     ) -> None:
         # In chunks that fit in a frame; an entry that fits in none is lost.
         # Entries whose owner has left, or closed before they reached it, go
@@ -1130,7 +1169,7 @@ class Cluster:
         if member is not None and peer_id not in failed:
             for start in range(0, len(entries), _ENTRY_BATCH):
                 undelivered += self._send_entry_chunk(
-                    member, entries[start : start + _ENTRY_BATCH]
+                    member, entries[start : start + _ENTRY_BATCH], forwarded
                 )
             if not undelivered:
                 return
@@ -1148,17 +1187,24 @@ class Cluster:
             owner = ranked(entry["fingerprint"], order)[0]
             regrouped.setdefault(owner, []).append(entry)
         for owner, group in regrouped.items():
-            self._send_entries(owner, group, tries=tries - 1, failed=failed | {peer_id})
+            self._send_entries(
+                owner,
+                group,
+                tries=tries - 1,
+                failed=failed | {peer_id},
+                forwarded=forwarded,
+            )
 
     def _send_entry_chunk(
-        self, member: _Member, entries: list[dict[str, Any]]
+        self, member: _Member, entries: list[dict[str, Any]], forwarded: bool
     ) -> list[dict[str, Any]]:
         # Returns the entries that may not have reached the member, because
-        # its connection closed.
+        # its connection closed. Forwarded entries are not sent on again.
+        message: dict[str, Any] = {"type": "entries", "entries": entries}
+        if forwarded:
+            message["forwarded"] = True
         try:
-            member.connection.request(
-                {"type": "entries", "entries": entries}, self.settings.request_timeout
-            )
+            member.connection.request(message, self.settings.request_timeout)
         except (TypeError, ValueError) as error:
             # Nothing was sent: too large, or not encodable as JSON.
             if len(entries) == 1:
@@ -1171,8 +1217,8 @@ class Cluster:
                 return []
             half = len(entries) // 2
             return self._send_entry_chunk(
-                member, entries[:half]
-            ) + self._send_entry_chunk(member, entries[half:])
+                member, entries[:half], forwarded
+            ) + self._send_entry_chunk(member, entries[half:], forwarded)
         except ChannelError as error:
             # They may have arrived before the connection closed, but an
             # entry held by two peers is harmless, unlike a job run twice,
@@ -1268,7 +1314,11 @@ class Cluster:
         if kind == "adopt":
             return self._on_adopt(message)
         if kind == "entries":
-            self._receive_entries(peer_id, _list(message, "entries"))
+            self._receive_entries(
+                peer_id,
+                _list(message, "entries"),
+                forwarded=message.get("forwarded") is True,
+            )
             return {}
         if kind == "state":
             self.leadership.receive_state(_text(message, "key"), message.get("value"))
@@ -1336,13 +1386,14 @@ class Cluster:
         hops = message.get("hops", 0)
         if not isinstance(hops, int) or isinstance(hops, bool):
             raise _Malformed(f"hops must be an int; got {hops!r}")
+        owned = False
         if job.unique is not None and hops < _MAX_HOPS:
             # The sender's view of the members may lag behind this one's.
-            forwarded = self._forward(job, data, hops)
+            forwarded, owned = self._forward(job, data, hops)
             if forwarded is not None:
                 return forwarded
         try:
-            inserted = self.instance._insert_here(job)
+            inserted = self.instance._insert_here(job, owned)
         except (NotRunning, ShuttingDown):
             # stop() began after the check above: the sender tries the next
             # peer in line.
@@ -1355,32 +1406,39 @@ class Cluster:
 
     def _forward(
         self, job: Job, data: dict[str, Any], hops: int
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any] | None, bool]:
         # Sends a routed insert on to the owner that this peer sees, if it
-        # is another member. None means: insert it here.
+        # is another member, and returns its reply. Without a reply, this
+        # peer inserts the job, and the flag is True if it does so as the
+        # owner, False if as the last resort.
         try:
             key = fingerprint(job)
         except (KeyError, TypeError, ValueError):
-            return None  # invalid unique settings: the insert here says why
+            # Invalid unique settings: the insert here raises the error.
+            return None, False
         with self._lock:
             owner = ranked(key, [self.peer_id, *self._members])[0]
             member = self._members.get(owner)
         if member is None:
-            return None
+            return None, True
         try:
             reply = member.connection.request(
                 {"type": "insert", "job": data, "hops": hops + 1},
                 self.settings.request_timeout + self.settings.join_timeout,
             )
         except NotDelivered:
-            return None
+            # It closed: once it is gone, the next owner takes the job.
+            return None, True
         except ChannelError as error:
-            return {"error": f"peer {owner} did not answer: {error}"}
-        if "refused" in reply or reply.get("error") == "leaving":
+            return {"error": f"peer {owner} did not answer: {error}"}, False
+        if reply.get("error") == "leaving":
+            self._on_leave(owner)
+            return None, True
+        if "refused" in reply:
             # The owner cannot take it, so this peer, next in line for the
             # sender, does.
-            return None
-        return reply
+            return None, False
+        return reply, False
 
     def _on_adopt(self, message: dict[str, Any]) -> dict[str, Any]:
         results: list[str | None] = []

@@ -496,17 +496,20 @@ class Stagehand(Control):
             self._run_inline(job)
         return inserted
 
-    def _insert_unique_here(self, job: Job) -> Job:
-        return self._unique.insert(job, self._enqueue)
+    def _insert_unique_here(
+        self, job: Job, owns: Callable[[str], bool] | None
+    ) -> Job | None:
+        return self._unique.insert_if_owned(job, self._enqueue, owns)
 
-    def _insert_here(self, job: Job) -> Job:
-        # An insert that another peer routed here, because this peer owns
-        # the job's fingerprint.
+    def _insert_here(self, job: Job, owned: bool) -> Job:
+        # An insert that another peer routed here: a unique job whose
+        # fingerprint this peer owns (`owned`), or that it takes as the
+        # last resort.
         self.validate(job)
         if job.unique is None:
             return self._enqueue(job)
         assert self._cluster is not None
-        return self._cluster.insert_owned(job, self._insert_unique_here)
+        return self._cluster.insert_owned(job, self._insert_unique_here, check=owned)
 
     def insert_all(self, jobs: Iterable[Job]) -> list[Job]:
         """Insert several jobs; if any is invalid, none is inserted.

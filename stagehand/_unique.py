@@ -80,10 +80,33 @@ class UniqueTable:
             The inserted job, or a detached copy of the existing duplicate
             with ``conflict=True``.
         """
+        inserted = self.insert_if_owned(job, enqueue, None)
+        assert inserted is not None
+        return inserted
+
+    def insert_if_owned(
+        self,
+        job: Job,
+        enqueue: Callable[[Job], Job],
+        owns: Callable[[str], bool] | None,
+    ) -> Job | None:
+        """Do what `insert` does if `owns` accepts the job's fingerprint.
+
+        In a cluster, `owns` tells whether this peer still owns the
+        fingerprint. It runs under the lock that `take` holds too, so an
+        entry stored here cannot miss a move of its fingerprint to a peer
+        that has just joined.
+
+        Returns:
+            What `insert` returns, or None when `owns` returned false and
+            nothing was inserted.
+        """
         assert job.unique is not None
         key = fingerprint(job)
         states = job.unique["states"]
         with self._lock:
+            if owns is not None and not owns(key):
+                return None
             existing = self._cache.get(key)
             if existing is not None and existing.state.value in states:
                 duplicate = existing.snapshot()

@@ -1,0 +1,185 @@
+"""Unique checks in a cluster while the owner of a fingerprint changes.
+
+Each test uses a hook or a flag to set up the moment a membership change
+reaches a peer that is about to check a duplicate. A peer joins between
+the choice of the owner and the check; the owner has begun to leave before
+its leave request arrives; or a peer hands an entry to a peer that no
+longer owns it. In each case the duplicate must be caught.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import stagehand
+import stagehand._cluster as cluster_module
+from stagehand._rendezvous import owner
+from stagehand._unique import RemoteEntry, fingerprint
+from tests.support import HANG_GUARD, wait_until
+from tests.test_cluster import Peers, WhereWorker, members, peer_id
+from tests.test_cluster_races import new_peer
+
+PAUSED = {"default": {"limit": 1, "paused": True}}
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    group = Peers()
+    yield group
+    group.stop_all()
+
+
+def job_owned_by(
+    chosen: stagehand.Stagehand, *others: stagehand.Stagehand
+) -> stagehand.Job:
+    """Return a new unique job whose fingerprint `chosen` owns among all the peers."""
+    ids = [peer_id(chosen), *map(peer_id, others)]
+    return next(
+        candidate
+        for candidate in (
+            WhereWorker.new({"n": n}, unique={"period": 300}) for n in range(1000)
+        )
+        if owner(fingerprint(candidate), ids) == peer_id(chosen)
+    )
+
+
+def copy_of(job: stagehand.Job) -> stagehand.Job:
+    return WhereWorker.new(job.args, unique={"period": 300})
+
+
+def test_owner_joining_during_a_check_gets_the_job(
+    peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = peers.start(queues=PAUSED)
+    second = new_peer(peers, first, queues=PAUSED)
+    cluster = first._cluster
+    assert cluster is not None
+    # The job's fingerprint belongs to `second` once it has joined; until
+    # then `first` is the only peer and owns it.
+    job = job_owned_by(second, first)
+    entered = threading.Event()
+    release = threading.Event()
+    real_wait = cluster._await_hand_overs
+
+    def held() -> None:
+        entered.set()
+        release.wait(HANG_GUARD)
+        real_wait()
+
+    monkeypatch.setattr(cluster, "_await_hand_overs", held)
+    inserted: list[stagehand.Job] = []
+    inserting = threading.Thread(target=lambda: inserted.append(first.insert(job)))
+    inserting.start()
+    assert entered.wait(HANG_GUARD)
+    # `first` chose itself as the owner; `second` joins before the check.
+    second.start()
+    assert members(first) == [peer_id(second)]
+    release.set()
+    inserting.join(HANG_GUARD)
+    assert not inserting.is_alive()
+
+    [result] = inserted
+    assert result.id is not None
+    assert first.get_job(result.id) is None
+    assert second.get_job(result.id) is not None
+    duplicate = second.insert(copy_of(job))
+    assert (duplicate.conflict, duplicate.id) == (True, result.id)
+
+
+def test_leaving_owner_hands_over_first(peers: Peers) -> None:
+    first = peers.start(queues=PAUSED)
+    second = peers.start(first, queues=PAUSED)
+    wait_until(lambda: members(first) == [peer_id(second)])
+    leaving = second._cluster
+    assert leaving is not None
+    job = job_owned_by(second, first)
+    original = second.insert(job)
+    assert second.get_job(original.id) is not None  # type: ignore[arg-type]
+
+    # stop() has begun on `second`, and its leave request has not reached
+    # `first` yet, so `second` replies "leaving" to routed inserts.
+    with leaving._lock:
+        leaving._leaving = True
+    results: list[stagehand.Job] = []
+    inserting = threading.Thread(
+        target=lambda: results.append(first.insert(copy_of(job)))
+    )
+    inserting.start()
+    # `first` takes that reply as notice of the leave, and its check waits
+    # for the entries that `second` hands over.
+    wait_until(lambda: peer_id(second) in first._cluster._departing)  # type: ignore[union-attr]
+    assert results == []
+    leaving.hand_over_entries()
+    leaving.handed()
+    inserting.join(HANG_GUARD)
+    assert not inserting.is_alive()
+
+    [duplicate] = results
+    assert (duplicate.conflict, duplicate.id) == (True, original.id)
+
+
+def test_entry_goes_on_to_newer_owner(peers: Peers) -> None:
+    first = peers.start(queues=PAUSED)
+    second = peers.start(first, queues=PAUSED)
+    third = peers.start(first, second, queues=PAUSED)
+    everyone = sorted(map(peer_id, (first, second, third)))
+    for instance in (first, second, third):
+        wait_until(
+            lambda instance=instance: (
+                sorted([peer_id(instance), *members(instance)]) == everyone
+            )
+        )
+    # Among the first two peers `first` owns the fingerprint, and among all
+    # three `third` does. `second` has the job, and hands its entry to
+    # `first` as a peer that has not seen `third` join would.
+    ids = list(map(peer_id, (first, second, third)))
+    job = next(
+        candidate
+        for candidate in (
+            WhereWorker.new({"n": n}, unique={"period": 300}) for n in range(1000)
+        )
+        if owner(fingerprint(candidate), ids[:2]) == ids[0]
+        and owner(fingerprint(candidate), ids) == ids[2]
+    )
+    holder = second._cluster
+    assert holder is not None
+    original = holder.insert_owned(job, second._insert_unique_here, check=False)
+    key = fingerprint(job)
+    entry = cluster_module._entry_to_wire(key, original, ids[1], second.clock.now())
+    holder._members[ids[0]].connection.request(
+        {"type": "entries", "entries": [entry]}, HANG_GUARD
+    )
+
+    assert first._unique.peek(key) is None
+    moved: Any = third._unique.peek(key)
+    assert isinstance(moved, RemoteEntry)
+    assert (moved.id, moved.holder) == (original.id, ids[1])
+    duplicate = first.insert(copy_of(job))
+    assert (duplicate.conflict, duplicate.id) == (True, original.id)
+
+
+def test_forwarded_entry_stays_where_it_arrives(peers: Peers) -> None:
+    first = peers.start(queues=PAUSED)
+    second = peers.start(first, queues=PAUSED)
+    wait_until(lambda: members(first) == [peer_id(second)])
+    job = job_owned_by(second, first)
+    holder = second._cluster
+    assert holder is not None
+    original = holder.insert_owned(job, second._insert_unique_here, check=False)
+    key = fingerprint(job)
+    entry = cluster_module._entry_to_wire(
+        key, original, peer_id(second), second.clock.now()
+    )
+    # Another peer sent it on already, so `first` keeps it even though
+    # `second` owns it: entries are sent on once, never back and forth.
+    holder._members[peer_id(first)].connection.request(
+        {"type": "entries", "entries": [entry], "forwarded": True}, HANG_GUARD
+    )
+
+    kept: Any = first._unique.peek(key)
+    assert isinstance(kept, RemoteEntry)
+    assert kept.id == original.id
