@@ -666,9 +666,8 @@ class Stagehand(Control):
         """Insert a job that another peer handed over, keeping its id.
 
         `job` comes from `job_from_wire`: checked, unsaved, and available,
-        scheduled or retryable. It keeps its id, attempt, errors,
-        `inserted_at` and `scheduled_at`, and runs when `scheduled_at`
-        comes, or at once if that has passed.
+        scheduled or retryable. It keeps its id, attempt, errors and times,
+        and runs when `scheduled_at` comes, or at once if that has passed.
 
         Raises:
             NotRunning, ShuttingDown: The instance is not accepting jobs.

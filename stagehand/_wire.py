@@ -40,13 +40,17 @@ _FIELDS = frozenset(
         "unique",
     }
 )
+# Fields that a job may lack: `attempted_at` is absent until a first attempt.
+_OPTIONAL = frozenset({"attempted_at"})
 _ERROR_KEYS = frozenset({"attempt", "at", "error"})
 
 
 def job_to_wire(job: Job) -> dict[str, Any]:
     """Return the JSON object that carries `job` to another peer."""
     data = job.to_dict()
-    del data["attempted_at"], data["completed_at"], data["conflict"]
+    del data["completed_at"], data["conflict"]
+    if data["attempted_at"] is None:
+        del data["attempted_at"]
     return data
 
 
@@ -61,11 +65,12 @@ def job_from_wire(data: object) -> Job:
     if not isinstance(data, dict):
         raise InvalidOption(f"a job must be a JSON object; got {_short(data)}")
     missing = _FIELDS - data.keys()
-    unknown = data.keys() - _FIELDS
+    unknown = data.keys() - _FIELDS - _OPTIONAL
     if missing or unknown:
         raise InvalidOption(
-            f"a job must have exactly the fields {sorted(_FIELDS)}; missing "
-            f"{sorted(missing)}, unknown {sorted(unknown)}"
+            f"a job must have the fields {sorted(_FIELDS)}, and may have "
+            f"{sorted(_OPTIONAL)}; missing {sorted(missing)}, unknown "
+            f"{sorted(unknown)}"
         )
     job_id = data["id"]
     if not isinstance(job_id, str) or not job_id or not job_id.isprintable():
@@ -91,6 +96,7 @@ def job_from_wire(data: object) -> Job:
             f"job {job_id}: attempt must be from 0 to max_attempts "
             f"({max_attempts}); got {attempt!r}"
         )
+    attempted_at = data.get("attempted_at")
     job = Job(
         worker=worker_class._stagehand_path,
         args=_options.normalize_json_dict(data["args"], "args"),
@@ -104,6 +110,11 @@ def job_from_wire(data: object) -> Job:
         id=job_id,
         inserted_at=_time(job_id, "inserted_at", data["inserted_at"]),
         scheduled_at=_time(job_id, "scheduled_at", data["scheduled_at"]),
+        attempted_at=(
+            None
+            if attempted_at is None
+            else _time(job_id, "attempted_at", attempted_at)
+        ),
         errors=_errors(job_id, data["errors"]),
         unique=_options.normalize_unique(data["unique"]),
         _worker_class=worker_class,

@@ -85,6 +85,28 @@ def test_retryable_job_waits_for_its_time() -> None:
     assert job.scheduled_at == retry_at
 
 
+def test_retryable_job_keeps_attempted_at() -> None:
+    clock = FakeClock()
+    data = drained_job()
+    attempted = clock.now() - timedelta(seconds=5)
+    data.update(
+        state="retryable",
+        attempt=1,
+        scheduled_at=(clock.now() + timedelta(seconds=30)).isoformat(),
+        attempted_at=attempted.isoformat(),
+        errors=[{"attempt": 1, "at": clock.now().isoformat(), "error": "boom"}],
+    )
+
+    with running(queues={"default": 1}, clock=clock) as target:
+        job = job_from_wire(data)
+        target._adopt(job)
+        found = target.get_job(data["id"])
+
+    assert found is job
+    assert job.attempted_at == attempted
+    assert over_the_wire(job)["attempted_at"] == attempted.isoformat()
+
+
 def test_overdue_scheduled_job_runs_at_once() -> None:
     clock = FakeClock()
     data = drained_job()
@@ -187,6 +209,7 @@ def test_wire_object_has_fixed_fields() -> None:
         ({"inserted_at": "yesterday"}, InvalidOption, "not an ISO 8601 time"),
         ({"inserted_at": "2026-01-01T00:00:00"}, InvalidOption, "aware datetime"),
         ({"scheduled_at": None}, InvalidOption, "must be an ISO 8601 string"),
+        ({"attempted_at": 5}, InvalidOption, "attempted_at must be an ISO"),
         ({"errors": {}}, InvalidOption, "errors must be a list"),
         ({"errors": [{"attempt": 1}]}, InvalidOption, "each error must be"),
         (
