@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import Peers
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -92,3 +94,11 @@ def cleanup() -> Iterator[list[Any]]:
     yield calls
     for call in reversed(calls):
         call()
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    """Start cluster peers with `Peers.start`, and stop them after the test."""
+    group = Peers()
+    yield group
+    group.stop_all()

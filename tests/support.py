@@ -225,3 +225,43 @@ def lost_jobs(records: list[logging.LogRecord], name: str) -> tuple[int, int]:
     counts = [(int(match.group(1)), int(match.group(2))) for match in found if match]
     assert len(counts) <= 1, counts
     return counts[0] if counts else (0, 0)
+
+
+# The cluster secret of the peers that tests start.
+SECRET = "a test secret of enough length"
+# One paused queue: inserted jobs wait, so tests can find them.
+PAUSED = {"default": {"limit": 1, "paused": True}}
+
+
+class Peers:
+    """Starts cluster peers on 127.0.0.1 and stops them after the test."""
+
+    def __init__(self) -> None:
+        self.started: list[stagehand.Stagehand] = []
+        self.cluster = unique_name("cluster")
+
+    def start(
+        self, *join: stagehand.Stagehand, secret: str = SECRET, **config: Any
+    ) -> stagehand.Stagehand:
+        addresses = [
+            "{}:{}".format(*peer._cluster.address)  # type: ignore[union-attr]
+            for peer in join
+        ]
+        cluster = {
+            "name": self.cluster,
+            "secret": secret,
+            "discovery": config.pop("discovery", addresses),
+            "bind": f"127.0.0.1:{config.pop('bind_port', 0)}",
+            "join_timeout": HANG_GUARD,
+        }
+        config.setdefault("queues", {"default": 2})
+        instance = stagehand.Stagehand(
+            name=unique_name("peer"), cluster=cluster, **config
+        )
+        self.started.append(instance)
+        instance.start()
+        return instance
+
+    def stop_all(self) -> None:
+        for instance in reversed(self.started):
+            instance.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,9 +17,8 @@ import pytest
 import stagehand
 from stagehand import InvalidOption, JobState
 from stagehand._execute import current_instance
-from tests.support import HANG_GUARD, unique_name, wait_until
+from tests.support import HANG_GUARD, SECRET, Peers, unique_name, wait_until
 
-SECRET = "a test secret of enough length"
 RAN_ON: dict[str, list[str]] = {}
 RAN_LOCK = threading.Lock()
 
@@ -48,47 +46,6 @@ class FailOnceWorker(stagehand.Worker):
 def ran_on(job_id: str) -> list[str]:
     with RAN_LOCK:
         return list(RAN_ON.get(job_id, []))
-
-
-class Peers:
-    """Starts cluster peers on 127.0.0.1 and stops them after the test."""
-
-    def __init__(self) -> None:
-        self.started: list[stagehand.Stagehand] = []
-        self.cluster = unique_name("cluster")
-
-    def start(
-        self, *join: stagehand.Stagehand, secret: str = SECRET, **config: Any
-    ) -> stagehand.Stagehand:
-        addresses = [
-            "{}:{}".format(*peer._cluster.address)  # type: ignore[union-attr]
-            for peer in join
-        ]
-        cluster = {
-            "name": self.cluster,
-            "secret": secret,
-            "discovery": config.pop("discovery", addresses),
-            "bind": f"127.0.0.1:{config.pop('bind_port', 0)}",
-            "join_timeout": HANG_GUARD,
-        }
-        config.setdefault("queues", {"default": 2})
-        instance = stagehand.Stagehand(
-            name=unique_name("peer"), cluster=cluster, **config
-        )
-        self.started.append(instance)
-        instance.start()
-        return instance
-
-    def stop_all(self) -> None:
-        for instance in reversed(self.started):
-            instance.stop()
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def peer_id(instance: stagehand.Stagehand) -> str:

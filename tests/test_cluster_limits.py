@@ -8,7 +8,7 @@ a race decides the outcome, a hook sets the order of events.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,22 +17,14 @@ import stagehand
 import stagehand._cluster as cluster_module
 from stagehand._rendezvous import owner
 from stagehand._unique import fingerprint
-from tests.support import HANG_GUARD, wait_until
-from tests.test_cluster import Peers, WhereWorker, members, peer_id
+from tests.support import HANG_GUARD, PAUSED, SECRET, Peers, wait_until
+from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import RECONNECT_WAIT, new_peer
 
-PAUSED = {"default": {"limit": 1, "paused": True}}
 # Each job of this test file carries this much padding in its args, so that
 # a few hundred unique entries make more JSON than one frame (1 MiB) allows.
 PAD = "x" * 3000
 ALL_STATES = [state.value for state in stagehand.JobState]
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def ids_of(*instances: stagehand.Stagehand) -> list[str]:
@@ -313,7 +305,7 @@ def test_naive_cron_cursor_keeps_cron(peers: Peers) -> None:
     from stagehand import FakeClock
     from stagehand._channel import ChannelServer, connect
     from stagehand.plugins import Cron
-    from tests.test_cluster import SECRET, cron_jobs
+    from tests.test_cluster import cron_jobs
 
     clock = FakeClock(datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC))
     first = peers.start(

@@ -8,7 +8,6 @@ in this process on 127.0.0.1, as in tests/test_cluster.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,8 +15,16 @@ import pytest
 import stagehand
 from stagehand._rendezvous import owner
 from stagehand._unique import fingerprint
-from tests.support import HANG_GUARD, Gate, run_in_thread, wait_until, watching
-from tests.test_cluster import Peers, WhereWorker, members, peer_id
+from tests.support import (
+    HANG_GUARD,
+    PAUSED,
+    Gate,
+    Peers,
+    run_in_thread,
+    wait_until,
+    watching,
+)
+from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
 
 UNIQUE = {"period": 300}
@@ -26,14 +33,6 @@ UNIQUE_DONE = {
     "period": 300,
     "states": ["available", "scheduled", "executing", "retryable", "completed"],
 }
-PAUSED = {"default": {"limit": 1, "paused": True}}
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def args_owned_by(owner_id: str, peer_ids: list[str]) -> dict[str, Any]:

@@ -23,19 +23,12 @@ from stagehand._channel import ChannelError, connect
 from stagehand._rendezvous import owner
 from stagehand._unique import fingerprint
 from stagehand.plugins import Cron
-from tests.support import HANG_GUARD, unique_name, wait_until
-from tests.test_cluster import SECRET, Peers, WhereWorker, members, peer_id
+from tests.support import HANG_GUARD, SECRET, Peers, unique_name, wait_until
+from tests.test_cluster import WhereWorker, members, peer_id
 
 # Seconds to wait for peers to find each other again after a lost
 # connection. This is far longer than a reconnect needs.
 RECONNECT_WAIT = 20.0
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def new_peer(

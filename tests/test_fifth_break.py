@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,19 +18,12 @@ import stagehand
 from stagehand import events
 from stagehand._rendezvous import owner
 from stagehand._unique import fingerprint
-from tests.support import HANG_GUARD, Gate, unique_name, wait_until
-from tests.test_cluster import Peers, members, peer_id
+from tests.support import HANG_GUARD, Gate, Peers, unique_name, wait_until
+from tests.test_cluster import members, peer_id
 from tests.test_cluster_races import new_peer
 from tests.workers import BlockingWorker, EchoWorker
 
 UNIQUE = {"period": 300}
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def blocking_args_owned_by(

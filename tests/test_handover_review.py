@@ -7,24 +7,12 @@ tests/test_cluster.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 import stagehand
 from stagehand import InvalidOption
-from tests.support import wait_until
-from tests.test_cluster import Peers, WhereWorker, members, peer_id
-
-PAUSED = {"default": {"limit": 1, "paused": True}}
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
+from tests.support import PAUSED, Peers, wait_until
+from tests.test_cluster import WhereWorker, members, peer_id
 
 
 def two_peers(peers: Peers) -> tuple[stagehand.Stagehand, stagehand.Stagehand]:

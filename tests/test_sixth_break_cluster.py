@@ -12,7 +12,6 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -25,18 +24,18 @@ from stagehand import FakeClock, InvalidOption, events
 from stagehand._rendezvous import owner
 from stagehand._unique import fingerprint
 from stagehand.plugins import Cron
-from tests.support import HANG_GUARD, Gate, run_in_thread, unique_name, wait_until
-from tests.test_cluster import SECRET, Peers, WhereWorker, members, peer_id
+from tests.support import (
+    HANG_GUARD,
+    PAUSED,
+    SECRET,
+    Gate,
+    Peers,
+    run_in_thread,
+    unique_name,
+    wait_until,
+)
+from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
-
-PAUSED = {"default": {"limit": 1, "paused": True}}
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def fix_peer_ids(monkeypatch: pytest.MonkeyPatch, ids: list[str]) -> None:

@@ -10,7 +10,6 @@ longer owns it. In each case the duplicate must be caught.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,18 +18,9 @@ import stagehand
 import stagehand._cluster as cluster_module
 from stagehand._rendezvous import owner
 from stagehand._unique import RemoteEntry, fingerprint
-from tests.support import HANG_GUARD, wait_until
-from tests.test_cluster import Peers, WhereWorker, members, peer_id
+from tests.support import HANG_GUARD, PAUSED, Peers, wait_until
+from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
-
-PAUSED = {"default": {"limit": 1, "paused": True}}
-
-
-@pytest.fixture
-def peers() -> Iterator[Peers]:
-    group = Peers()
-    yield group
-    group.stop_all()
 
 
 def job_owned_by(
