@@ -37,8 +37,35 @@ def job_owned_by(
     )
 
 
+def two_peers(peers: Peers) -> tuple[stagehand.Stagehand, stagehand.Stagehand]:
+    """Start two peers with paused queues, and wait until they have joined."""
+    first = peers.start(queues=PAUSED)
+    second = peers.start(first, queues=PAUSED)
+    wait_until(lambda: members(first) == [peer_id(second)])
+    return first, second
+
+
 def copy_of(job: stagehand.Job) -> stagehand.Job:
     return WhereWorker.new(job.args, unique={"period": 300})
+
+
+def send_entry(
+    holder: stagehand.Stagehand,
+    to: stagehand.Stagehand,
+    job: stagehand.Job,
+    **message: Any,
+) -> stagehand.Job:
+    """Insert `job` on `holder` whoever owns it, and send its entry to `to`."""
+    cluster = holder._cluster
+    assert cluster is not None
+    inserted = cluster.insert_owned(job, holder._insert_unique_here, check=False)
+    entry = cluster_module._entry_to_wire(
+        fingerprint(job), inserted, peer_id(holder), holder.clock.now()
+    )
+    cluster._members[peer_id(to)].connection.request(
+        {"type": "entries", "entries": [entry], **message}, HANG_GUARD
+    )
+    return inserted
 
 
 def test_owner_joining_during_a_check_gets_the_job(
@@ -81,9 +108,7 @@ def test_owner_joining_during_a_check_gets_the_job(
 
 
 def test_leaving_owner_hands_over_first(peers: Peers) -> None:
-    first = peers.start(queues=PAUSED)
-    second = peers.start(first, queues=PAUSED)
-    wait_until(lambda: members(first) == [peer_id(second)])
+    first, second = two_peers(peers)
     leaving = second._cluster
     assert leaving is not None
     job = job_owned_by(second, first)
@@ -135,15 +160,9 @@ def test_entry_goes_on_to_newer_owner(peers: Peers) -> None:
         if owner(fingerprint(candidate), ids[:2]) == ids[0]
         and owner(fingerprint(candidate), ids) == ids[2]
     )
-    holder = second._cluster
-    assert holder is not None
-    original = holder.insert_owned(job, second._insert_unique_here, check=False)
-    key = fingerprint(job)
-    entry = cluster_module._entry_to_wire(key, original, ids[1], second.clock.now())
-    holder._members[ids[0]].connection.request(
-        {"type": "entries", "entries": [entry]}, HANG_GUARD
-    )
+    original = send_entry(second, first, job)
 
+    key = fingerprint(job)
     assert first._unique.peek(key) is None
     moved: Any = third._unique.peek(key)
     assert isinstance(moved, RemoteEntry)
@@ -153,23 +172,12 @@ def test_entry_goes_on_to_newer_owner(peers: Peers) -> None:
 
 
 def test_forwarded_entry_stays_where_it_arrives(peers: Peers) -> None:
-    first = peers.start(queues=PAUSED)
-    second = peers.start(first, queues=PAUSED)
-    wait_until(lambda: members(first) == [peer_id(second)])
+    first, second = two_peers(peers)
     job = job_owned_by(second, first)
-    holder = second._cluster
-    assert holder is not None
-    original = holder.insert_owned(job, second._insert_unique_here, check=False)
-    key = fingerprint(job)
-    entry = cluster_module._entry_to_wire(
-        key, original, peer_id(second), second.clock.now()
-    )
     # Another peer sent it on already, so `first` keeps it even though
     # `second` owns it: entries are sent on once, never back and forth.
-    holder._members[peer_id(first)].connection.request(
-        {"type": "entries", "entries": [entry], "forwarded": True}, HANG_GUARD
-    )
+    original = send_entry(second, first, job, forwarded=True)
 
-    kept: Any = first._unique.peek(key)
+    kept: Any = first._unique.peek(fingerprint(job))
     assert isinstance(kept, RemoteEntry)
     assert kept.id == original.id
