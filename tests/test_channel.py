@@ -27,6 +27,7 @@ from stagehand._channel import (
     connect,
 )
 from stagehand.exceptions import InvalidOption, StagehandError
+from tests.support import wait_until
 
 SECRET = b"correct horse battery staple"
 CLUSTER = "shop"
@@ -865,3 +866,42 @@ def test_concurrent_request_leaves_reader_free(cleanup: list[Any]) -> None:
 
     assert fast == {"fast": True}
     assert replies == [{"waited": True}]
+
+
+def test_concurrent_requests_share_bounded_threads(cleanup: list[Any]) -> None:
+    # Twenty slow requests on one connection: sixteen run at once in the
+    # request threads, and the other four wait in the queue for a free one.
+    gate = threading.Event()
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+
+    def handler(peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        gate.wait(WAIT)
+        with lock:
+            running[0] -= 1
+        return {"n": message["n"]}
+
+    server = start_server(cleanup, handler, concurrent=lambda message: True)
+    conn = open_connection(cleanup, server)
+    replies: list[dict[str, Any]] = []
+    senders = [
+        threading.Thread(
+            target=lambda n=n: replies.append(conn.request({"n": n}, WAIT))
+        )
+        for n in range(20)
+    ]
+    for sender in senders:
+        sender.start()
+        cleanup.append(lambda sender=sender: sender.join(WAIT))
+    wait_until(lambda: running[0] == 16 and server._requests.qsize() == 4)
+    gate.set()
+    for sender in senders:
+        sender.join(WAIT)
+
+    assert sorted(reply["n"] for reply in replies) == list(range(20))
+    assert most[0] == 16
+    assert len(server._request_threads) == 16
