@@ -965,13 +965,17 @@ class Cluster:
         moving: dict[str, list[dict[str, Any]]] = {}
         for key, job in table.take(lambda key: not keep(ranked(key, owners)[0])):
             holder = job.holder if isinstance(job, RemoteEntry) else self.peer_id
-            entry = _entry_to_wire(key, job, holder, now)
-            if entry is None:
-                continue
             live: Job | None = job
             if isinstance(job, RemoteEntry) and holder == self.peer_id:
-                # An entry that came back: the job itself is the one to follow.
+                # An entry that came back: its state dates from when it left,
+                # and the job itself has the current one. A job that is no
+                # longer here has ended, as in _refresh.
                 live = None if job.id is None else self.instance.get_job(job.id)
+                if live is None:
+                    job.state = JobState.COMPLETED
+            entry = _entry_to_wire(key, job if live is None else live, holder, now)
+            if entry is None:
+                continue
             if holder == self.peer_id and live is not None and not live.state.is_final:
                 # Its state changes here still; see hand_over_entries.
                 if stopping:

@@ -16,9 +16,9 @@ import pytest
 
 import stagehand
 import stagehand._cluster as cluster_module
-from stagehand._rendezvous import owner
+from stagehand._rendezvous import owner, ranked
 from stagehand._unique import RemoteEntry, fingerprint
-from tests.support import HANG_GUARD, PAUSED, Peers, wait_until
+from tests.support import HANG_GUARD, PAUSED, Peers, wait_until, watching
 from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
 
@@ -181,3 +181,40 @@ def test_forwarded_entry_stays_where_it_arrives(peers: Peers) -> None:
     kept: Any = first._unique.peek(fingerprint(job))
     assert isinstance(kept, RemoteEntry)
     assert kept.id == original.id
+
+
+def test_entry_that_came_back_leaves_with_final_state(peers: Peers) -> None:
+    # The entry of a job moves to a peer that joins, comes back to the
+    # job's peer when that one stops, and the job completes. When the job's
+    # peer stops in turn, the entry must leave with the completed state: the
+    # next owner cannot ask a stopped peer for it.
+    first, second = two_peers(peers)
+    third = new_peer(peers, first, second, queues=PAUSED)
+    fourth = new_peer(peers, first, second, queues=PAUSED)
+    ids = [peer_id(p) for p in (first, second, third, fourth)]
+    blocks_completed = {"period": 300, "states": ["available", "completed"]}
+    # The third peer scores highest for the fingerprint, then the first,
+    # and the second and fourth lower.
+    job = next(
+        candidate
+        for candidate in (
+            WhereWorker.new({"n": n}, unique=blocks_completed) for n in range(5000)
+        )
+        if ranked(fingerprint(candidate), ids)[:2] == [ids[2], ids[0]]
+    )
+    original = first.insert(job)
+    assert first.get_job(original.id) is original  # type: ignore[arg-type]
+
+    third.start()  # the entry moves to the third peer
+    third.stop()  # and comes back to the first, as "available"
+    assert isinstance(first._unique.peek(fingerprint(job)), RemoteEntry)
+    with watching() as watcher:
+        first.resume_queue("default")
+        watcher.wait_final(original)
+    fourth.start()  # a join, which forgets that the job had moved
+    first.stop()
+
+    duplicate = second.insert(WhereWorker.new(job.args, unique=blocks_completed))
+    assert duplicate.conflict is True
+    assert duplicate.id == original.id
+    assert duplicate.state is stagehand.JobState.COMPLETED
