@@ -588,7 +588,8 @@ class ChannelServer:
     Each connection has its own thread, which does the handshake and then
     calls `handler(peer_id, message)` for each request, one at a time,
     except that a request for which `concurrent(message)` is true goes to
-    a pool of request threads, so a handler that waits does not hold up the
+    a pool of request threads, and one for which `threaded(message)` is true
+    gets a thread of its own, so a handler that waits does not hold up the
     requests behind it. The dict that the handler returns is the
     reply (None replies ``{}``); an exception in the handler is logged and
     replies ``{"error": "..."}``.
@@ -604,6 +605,8 @@ class ChannelServer:
         handshake_timeout: Seconds a client has to authenticate.
         concurrent: Tells which requests go to the request threads; None
             handles every request in turn.
+        threaded: Tells which requests get a thread of their own, for
+            requests that must not wait for a free request thread.
     """
 
     def __init__(
@@ -618,6 +621,7 @@ class ChannelServer:
         max_frame: int = MAX_FRAME,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         concurrent: Callable[[Message], bool] | None = None,
+        threaded: Callable[[Message], bool] | None = None,
     ) -> None:
         self._secret = _check_secret(secret)
         self._cluster = _check_name("cluster", cluster)
@@ -626,6 +630,7 @@ class ChannelServer:
             raise TypeError(f"handler must be callable, not {handler!r}")
         self._handler = handler
         self._concurrent = concurrent
+        self._threaded = threaded
         self._host = _check_name("host", host)
         self._port = _check_port(port, 0)
         self._max_frame = _check_max_frame(max_frame)
@@ -640,7 +645,10 @@ class ChannelServer:
         self._requests: queue.SimpleQueue[tuple[_Link, str, Message, int] | None]
         self._requests = queue.SimpleQueue()
         self._request_threads: list[threading.Thread] = []
+        # Request threads waiting for a request that no _submit has claimed.
         self._idle_request_threads = 0
+        # Threads of requests that `threaded` selects, until they end.
+        self._own_threads: set[threading.Thread] = set()
         self._closing = False
         self._closed = threading.Event()
 
@@ -694,6 +702,7 @@ class ChannelServer:
             listener, self._listener = self._listener, None
             links = dict(self._links)
             request_threads = list(self._request_threads)
+            own_threads = list(self._own_threads)
         for _ in request_threads:
             self._requests.put(None)
         self._closed.set()
@@ -705,7 +714,7 @@ class ChannelServer:
         for link in links:
             link.shutdown()
         deadline = time.monotonic() + timeout
-        threads = [*links.values(), *request_threads]
+        threads = [*links.values(), *request_threads, *own_threads]
         if listener is not None and self._accepter is not None:
             threads.append(self._accepter)
         for thread in threads:
@@ -842,6 +851,9 @@ class ChannelServer:
                     link.remote,
                 )
                 return
+            if self._threaded is not None and self._threaded(request):
+                self._start_own_thread(link, peer_id, request, rid)
+                continue
             if self._concurrent is not None and self._concurrent(request):
                 self._submit(link, peer_id, request, rid)
                 continue
@@ -849,13 +861,16 @@ class ChannelServer:
                 return
 
     def _submit(self, link: _Link, peer_id: str, request: Message, rid: int) -> None:
-        # Queues a request for the request threads, and starts one more if
-        # none is idle and the pool is not full.
+        # Queues a request for the request threads. It claims an idle thread,
+        # or starts one more if none is idle and the pool is not full, so two
+        # requests never count on the same idle thread.
         with self._lock:
             if self._closing:
                 return  # the connection closes, which fails the request
             count = len(self._request_threads)
-            if self._idle_request_threads == 0 and count < _REQUEST_THREADS:
+            if self._idle_request_threads > 0:
+                self._idle_request_threads -= 1
+            elif count < _REQUEST_THREADS:
                 thread = threading.Thread(
                     target=self._serve_requests,
                     name=f"{_THREAD_PREFIX}-request-{count}",
@@ -868,19 +883,36 @@ class ChannelServer:
     def _serve_requests(self) -> None:
         # The loop of one request thread. close() ends it by queuing None.
         while True:
-            with self._lock:
-                self._idle_request_threads += 1
             item = self._requests.get()
-            with self._lock:
-                self._idle_request_threads -= 1
             if item is None:
                 return
             try:
                 self._reply_and_send(*item)
             except Exception:
-                # _reply catches the handler's errors, so an error here is a bug in
-                # this module.
+                # _reply catches the handler's errors, so an error here is a bug
+                # in this module.
                 logger.exception("channel request thread failed on a request")
+            with self._lock:
+                self._idle_request_threads += 1
+
+    def _start_own_thread(
+        self, link: _Link, peer_id: str, request: Message, rid: int
+    ) -> None:
+        def serve() -> None:
+            try:
+                self._reply_and_send(link, peer_id, request, rid)
+            finally:
+                with self._lock:
+                    self._own_threads.discard(thread)
+
+        thread = threading.Thread(
+            target=serve, name=f"{_THREAD_PREFIX}-request-{peer_id}", daemon=True
+        )
+        with self._lock:
+            if self._closing:
+                return  # the connection closes, which fails the request
+            self._own_threads.add(thread)
+        thread.start()
 
     def _reply_and_send(
         self, link: _Link, peer_id: str, request: Message, rid: int

@@ -327,6 +327,10 @@ class Cluster:
             # A routed insert may wait for this peer's join to finish, and
             # the entries that finish it can come on the same connection.
             concurrent=lambda message: message.get("type") == "insert",
+            # Entries that belong to a newer member go on to it before the
+            # reply, so they must not wait for the reader or for a request
+            # thread: those may wait for this very request.
+            threaded=lambda message: message.get("type") == "entries",
         )
         self._discovery: ZeroconfDiscovery | None = None
         self._round_robin = itertools.count()
@@ -776,8 +780,11 @@ class Cluster:
         for index, owner in enumerate(ranked(key, candidates)):
             if owner == self.peer_id:
                 # Past the first place, the peers ranked before this one
-                # did not take the job, so it is inserted here as it is.
-                return self.insert_owned(job, insert_here, check=index == 0)
+                # did not take the job. Unless they have left since, this
+                # peer is not the owner, and inserts the job as the last
+                # resort.
+                check = index == 0 or self._owns(key)
+                return self.insert_owned(job, insert_here, check=check)
             with self._lock:
                 member = self._members.get(owner)
             if member is None:
@@ -808,7 +815,7 @@ class Cluster:
             except ChannelError as error:
                 # The owner may have inserted the job before the reply was
                 # lost, so inserting it elsewhere could make two.
-                raise StagehandError(
+                raise _InsertInDoubt(
                     f"unique job for {job.worker} was sent to its owner peer "
                     f"{owner}, which did not answer: {error}. It may have been "
                     "inserted there, so it was not inserted on another peer; "
@@ -828,7 +835,7 @@ class Cluster:
                 )
                 continue
             if "error" in reply:
-                raise StagehandError(
+                raise _InsertInDoubt(
                     f"peer {owner} failed to insert the job: {reply['error']}"
                 )
             return _apply_reply(job, reply)
@@ -947,10 +954,15 @@ class Cluster:
                 )
                 continue
             owner = ranked(key, peers)[0]
-            if owner != self.peer_id and owner != sender and not forwarded:
-                onward.setdefault(owner, []).append({**entry, "holder": job.holder})
-                continue
-            table.put(key, job, timer() + expires_in)
+            if forwarded or owner in (self.peer_id, sender):
+                # The check runs again as the entry is stored, in case a
+                # peer has joined since and taken the fingerprint over.
+                owns = None if forwarded or owner == sender else self._owns
+                if table.put(key, job, timer() + expires_in, owns):
+                    continue
+                with self._lock:
+                    owner = ranked(key, [self.peer_id, *self._members])[0]
+            onward.setdefault(owner, []).append({**entry, "holder": job.holder})
         for owner, group in onward.items():
             self._send_entries(owner, group, forwarded=True)
 
@@ -1169,6 +1181,9 @@ class Cluster:
         with self._lock:
             member = self._members.get(peer_id)
             order = sorted(set(self._members) - failed - {peer_id})
+        if forwarded:
+            # This peer is not leaving, so it may own them itself.
+            order.append(self.peer_id)
         undelivered: list[dict[str, Any]] = []
         if member is not None and peer_id not in failed:
             for start in range(0, len(entries), _ENTRY_BATCH):
@@ -1190,6 +1205,9 @@ class Cluster:
         for entry in undelivered:
             owner = ranked(entry["fingerprint"], order)[0]
             regrouped.setdefault(owner, []).append(entry)
+        own = regrouped.pop(self.peer_id, None)
+        if own is not None:
+            self._receive_entries(self.peer_id, own, forwarded=True)
         for owner, group in regrouped.items():
             self._send_entries(
                 owner,
@@ -1208,7 +1226,7 @@ class Cluster:
         if forwarded:
             message["forwarded"] = True
         try:
-            member.connection.request(message, self.settings.request_timeout)
+            reply = member.connection.request(message, self.settings.request_timeout)
         except (TypeError, ValueError) as error:
             # Nothing was sent: too large, or not encodable as JSON.
             if len(entries) == 1:
@@ -1232,6 +1250,15 @@ class Cluster:
                 len(entries),
                 member.peer_id,
                 error,
+            )
+            return entries
+        if "error" in reply:
+            logger.warning(
+                "peer %s failed to store %d unique entries: %s; they go to the "
+                "next owner",
+                member.peer_id,
+                len(entries),
+                reply["error"],
             )
             return entries
         return []
@@ -1276,6 +1303,8 @@ class Cluster:
         for leaving in departing:
             leaving.handed.set()
             members.append(leaving.member)
+        # Ends the waits of routed inserts that came before the join ended.
+        self._synced.set()
         self._stopping.set()
         if self._discovery is not None:
             try:
@@ -1402,6 +1431,10 @@ class Cluster:
             # stop() began after the check above: the sender tries the next
             # peer in line.
             return {"error": "leaving"}
+        except _InsertInDoubt as error:
+            # Sent on to an owner that joined since, which did not answer:
+            # the sender must not insert the job on another peer either.
+            return {"error": str(error)}
         except (StagehandError, TypeError, ValueError) as error:
             # For example a queue that this peer lacks: the sender tries the
             # next peer in line.
@@ -1574,6 +1607,10 @@ def _entry_from_wire(entry: object, sender: str) -> tuple[str, RemoteEntry, floa
     )
     job.holder = holder
     return key, job, float(expires_in)
+
+
+class _InsertInDoubt(StagehandError):
+    """A routed insert whose owner may have inserted the job, or may not."""
 
 
 class _Malformed(ValueError):

@@ -149,13 +149,28 @@ class UniqueTable:
             if self._cache.get(key) is job:
                 del self._cache[key]
 
-    def put(self, key: str, job: Job, expires: float) -> None:
+    def put(
+        self,
+        key: str,
+        job: Job,
+        expires: float,
+        owns: Callable[[str], bool] | None = None,
+    ) -> bool:
         """Store an entry that another peer handed over, expiring at `expires`.
 
         An entry already here for the same fingerprint stays if it blocks
         duplicates.
+
+        Args:
+            owns: As for `insert_if_owned`: the entry is stored only if this
+                peer still owns the fingerprint.
+
+        Returns:
+            False if `owns` returned false, and nothing changed.
         """
         with self._lock:
+            if owns is not None and not owns(key):
+                return False
             existing = self._cache.get(key)
             if (
                 existing is not None
@@ -164,8 +179,9 @@ class UniqueTable:
                 # A newer record of the same job replaces the older one.
                 and not (isinstance(existing, RemoteEntry) and existing.id == job.id)
             ):
-                return
+                return True
             self._store(key, job, expires)
+            return True
 
     def _store(self, key: str, job: Job, expires: float | None) -> None:
         # The caller holds the lock.
