@@ -55,7 +55,7 @@ def send_entry(
     job: stagehand.Job,
     **message: Any,
 ) -> stagehand.Job:
-    """Insert `job` on `holder` whoever owns it, and send its entry to `to`."""
+    """Insert `job` on `holder`, even if another peer owns it, and send its entry to `to`."""
     cluster = holder._cluster
     assert cluster is not None
     inserted = cluster.insert_owned(job, holder._insert_unique_here, check=False)
@@ -218,3 +218,83 @@ def test_entry_that_came_back_leaves_with_final_state(peers: Peers) -> None:
     assert duplicate.conflict is True
     assert duplicate.id == original.id
     assert duplicate.state is stagehand.JobState.COMPLETED
+
+
+class WatchedEvent(threading.Event):
+    """An event that reports when a thread starts to wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+def test_close_ends_insert_waiting_for_join(peers: Peers) -> None:
+    first, second = two_peers(peers)
+    cluster = first._cluster
+    assert cluster is not None
+    # As if `first` were still joining: routed inserts wait for the end of
+    # its join, up to join_timeout (HANG_GUARD here).
+    synced = WatchedEvent()
+    cluster._synced = synced
+    job = job_owned_by(first, second)
+    outcome: list[Any] = []
+
+    def insert() -> None:
+        try:
+            outcome.append(second.insert(job))
+        except stagehand.StagehandError as error:
+            outcome.append(error)
+
+    inserting = threading.Thread(target=insert)
+    inserting.start()
+    assert synced.waiting.wait(HANG_GUARD)
+
+    cluster.close()
+
+    threads = cluster._server._request_threads
+    assert [thread.is_alive() for thread in threads] == [False] * len(threads)
+    inserting.join(HANG_GUARD)
+    assert not inserting.is_alive()
+    assert len(outcome) == 1
+
+
+def test_failed_entries_store_is_retried(
+    peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two_peers(peers)
+    third = peers.start(first, second, queues=PAUSED)
+    for instance in (first, second):
+        wait_until(lambda instance=instance: peer_id(third) in members(instance))
+    job = job_owned_by(second, first, third)
+    holder = first._cluster
+    assert holder is not None
+    original = holder.insert_owned(job, first._insert_unique_here, check=False)
+    key = fingerprint(job)
+    entry = cluster_module._entry_to_wire(
+        key, original, peer_id(first), first.clock.now()
+    )
+    failing = second._cluster
+    assert failing is not None
+    real_receive = failing._receive_entries
+    calls: list[int] = []
+
+    def fail_once(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("store failed")
+        real_receive(*args, **kwargs)
+
+    monkeypatch.setattr(failing, "_receive_entries", fail_once)
+    # `second` fails to store the entry, so `first` sends it to `third`,
+    # the next in line, which sends it on to `second`, its owner.
+    holder._send_entries(peer_id(second), [entry])
+
+    assert len(calls) == 2
+    assert third._unique.peek(key) is None
+    stored: Any = second._unique.peek(key)
+    assert isinstance(stored, RemoteEntry)
+    assert stored.id == original.id
