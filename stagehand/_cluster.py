@@ -775,8 +775,7 @@ class Cluster:
         cannot be reached, and to this peer last.
         """
         key = fingerprint(job)
-        with self._lock:
-            candidates = [self.peer_id, *self._members]
+        candidates = self._owners()
         for index, owner in enumerate(ranked(key, candidates)):
             if owner == self.peer_id:
                 # Past the first place, the peers ranked before this one
@@ -869,9 +868,16 @@ class Cluster:
 
     def _owns(self, key: str) -> bool:
         # Whether this peer owns fingerprint `key` among the members now.
+        peers = self._owners()
+        return bool(peers) and ranked(key, peers)[0] == self.peer_id
+
+    def _owners(self) -> list[str]:
+        # The peers that own fingerprints now: the members, and this peer
+        # unless it is leaving.
         with self._lock:
-            peers = [self.peer_id, *self._members]
-        return ranked(key, peers)[0] == self.peer_id
+            if self._leaving:
+                return list(self._members)
+            return [self.peer_id, *self._members]
 
     def _await_hand_overs(self) -> None:
         # Waits until each leaving member has handed over its unique entries,
@@ -932,16 +938,17 @@ class Cluster:
             logger.warning("peer %s reported an unknown state %r", entry.holder, state)
 
     def _receive_entries(
-        self, sender: str, entries: list[Any], *, forwarded: bool = False
+        self, sender: str, entries: list[Any], *, keep: bool = False
     ) -> None:
-        # Stores the entries that this peer owns. The sender may not know
-        # a member that joined lately, so an entry that this member owns goes
-        # on to it, once, before the reply: a leaving sender reports that it
-        # has handed everything over only after that.
+        # Stores the entries that this peer owns, or all of them with `keep`.
+        # The sender may not know a member that joined lately, or that this
+        # peer is leaving. So an entry that another member owns goes on to
+        # it before the reply, because a leaving sender reports that it has
+        # handed everything over only after the reply. Each step goes to a
+        # peer that ranks higher for the entry, so an entry never loops.
         table = self.instance._unique
         timer = self.instance.clock.monotonic
-        with self._lock:
-            peers = [self.peer_id, *self._members]
+        peers = self._owners()
         onward: dict[str, list[dict[str, Any]]] = {}
         for entry in entries:
             try:
@@ -953,18 +960,19 @@ class Cluster:
                     error,
                 )
                 continue
-            owner = ranked(key, peers)[0]
-            if forwarded or owner in (self.peer_id, sender):
+            owner = ranked(key, peers)[0] if peers else sender
+            if keep or owner in (self.peer_id, sender):
                 # The check runs again as the entry is stored, in case a
-                # peer has joined since and taken the fingerprint over.
-                owns = None if forwarded or owner == sender else self._owns
+                # peer has joined since and taken the fingerprint over. A
+                # sender that owns the entry in this peer's view is leaving
+                # without this peer having heard of it yet.
+                owns = None if keep or owner == sender else self._owns
                 if table.put(key, job, timer() + expires_in, owns):
                     continue
-                with self._lock:
-                    owner = ranked(key, [self.peer_id, *self._members])[0]
+                owner = ranked(key, self._owners())[0]
             onward.setdefault(owner, []).append({**entry, "holder": job.holder})
         for owner, group in onward.items():
-            self._send_entries(owner, group, forwarded=True)
+            self._send_entries(owner, group)
 
     def _entries_owned_by(
         self, owners: list[str], keep: Callable[[str], bool], *, stopping: bool = False
@@ -1169,7 +1177,6 @@ class Cluster:
         *,
         tries: int = 3,
         failed: frozenset[str] = frozenset(),
-        forwarded: bool = False,
     ) -> None:
         # In chunks that fit in a frame; an entry that fits in none is lost.
         # Entries whose owner has left, or closed before they reached it, go
@@ -1181,14 +1188,14 @@ class Cluster:
         with self._lock:
             member = self._members.get(peer_id)
             order = sorted(set(self._members) - failed - {peer_id})
-        if forwarded:
-            # This peer is not leaving, so it may own them itself.
-            order.append(self.peer_id)
+            if not self._leaving:
+                # Entries whose new owner has gone may belong here again.
+                order.append(self.peer_id)
         undelivered: list[dict[str, Any]] = []
         if member is not None and peer_id not in failed:
             for start in range(0, len(entries), _ENTRY_BATCH):
                 undelivered += self._send_entry_chunk(
-                    member, entries[start : start + _ENTRY_BATCH], forwarded
+                    member, entries[start : start + _ENTRY_BATCH]
                 )
             if not undelivered:
                 return
@@ -1207,26 +1214,19 @@ class Cluster:
             regrouped.setdefault(owner, []).append(entry)
         own = regrouped.pop(self.peer_id, None)
         if own is not None:
-            self._receive_entries(self.peer_id, own, forwarded=True)
+            self._receive_entries(self.peer_id, own, keep=True)
         for owner, group in regrouped.items():
-            self._send_entries(
-                owner,
-                group,
-                tries=tries - 1,
-                failed=failed | {peer_id},
-                forwarded=forwarded,
-            )
+            self._send_entries(owner, group, tries=tries - 1, failed=failed | {peer_id})
 
     def _send_entry_chunk(
-        self, member: _Member, entries: list[dict[str, Any]], forwarded: bool
+        self, member: _Member, entries: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         # Returns the entries that may not have reached the member, because
-        # its connection closed. Forwarded entries are not sent on again.
-        message: dict[str, Any] = {"type": "entries", "entries": entries}
-        if forwarded:
-            message["forwarded"] = True
+        # its connection closed or it failed to store them.
         try:
-            reply = member.connection.request(message, self.settings.request_timeout)
+            reply = member.connection.request(
+                {"type": "entries", "entries": entries}, self.settings.request_timeout
+            )
         except (TypeError, ValueError) as error:
             # Nothing was sent: too large, or not encodable as JSON.
             if len(entries) == 1:
@@ -1239,8 +1239,8 @@ class Cluster:
                 return []
             half = len(entries) // 2
             return self._send_entry_chunk(
-                member, entries[:half], forwarded
-            ) + self._send_entry_chunk(member, entries[half:], forwarded)
+                member, entries[:half]
+            ) + self._send_entry_chunk(member, entries[half:])
         except ChannelError as error:
             # They may have arrived before the connection closed, but an
             # entry held by two peers is harmless, unlike a job run twice,
@@ -1347,11 +1347,7 @@ class Cluster:
         if kind == "adopt":
             return self._on_adopt(message)
         if kind == "entries":
-            self._receive_entries(
-                peer_id,
-                _list(message, "entries"),
-                forwarded=message.get("forwarded") is True,
-            )
+            self._receive_entries(peer_id, _list(message, "entries"))
             return {}
         if kind == "state":
             self.leadership.receive_state(_text(message, "key"), message.get("value"))
@@ -1432,7 +1428,7 @@ class Cluster:
             # peer in line.
             return {"error": "leaving"}
         except _InsertInDoubt as error:
-            # Sent on to an owner that joined since, which did not answer:
+            # Sent on to an owner that joined since, which did not reply, so
             # the sender must not insert the job on another peer either.
             return {"error": str(error)}
         except (StagehandError, TypeError, ValueError) as error:

@@ -53,7 +53,6 @@ def send_entry(
     holder: stagehand.Stagehand,
     to: stagehand.Stagehand,
     job: stagehand.Job,
-    **message: Any,
 ) -> stagehand.Job:
     """Insert `job` on `holder`, even if another peer owns it, and send its entry to `to`."""
     cluster = holder._cluster
@@ -63,7 +62,7 @@ def send_entry(
         fingerprint(job), inserted, peer_id(holder), holder.clock.now()
     )
     cluster._members[peer_id(to)].connection.request(
-        {"type": "entries", "entries": [entry], **message}, HANG_GUARD
+        {"type": "entries", "entries": [entry]}, HANG_GUARD
     )
     return inserted
 
@@ -171,12 +170,13 @@ def test_entry_goes_on_to_newer_owner(peers: Peers) -> None:
     assert (duplicate.conflict, duplicate.id) == (True, original.id)
 
 
-def test_forwarded_entry_stays_where_it_arrives(peers: Peers) -> None:
+def test_entry_owned_by_sender_stays(peers: Peers) -> None:
     first, second = two_peers(peers)
     job = job_owned_by(second, first)
-    # Another peer sent it on already, so `first` keeps it even though
-    # `second` owns it: entries are sent on once, never back and forth.
-    original = send_entry(second, first, job, forwarded=True)
+    # In the view of `first`, `second` owns the fingerprint, so it sends
+    # the entry only because it is leaving, before `first` has heard of it.
+    # `first` keeps the entry rather than send it back.
+    original = send_entry(second, first, job)
 
     kept: Any = first._unique.peek(fingerprint(job))
     assert isinstance(kept, RemoteEntry)
@@ -269,7 +269,14 @@ def test_failed_entries_store_is_retried(
     third = peers.start(first, second, queues=PAUSED)
     for instance in (first, second):
         wait_until(lambda instance=instance: peer_id(third) in members(instance))
-    job = job_owned_by(second, first, third)
+    ids = [peer_id(p) for p in (first, second, third)]
+    job = next(
+        candidate
+        for candidate in (
+            WhereWorker.new({"n": n}, unique={"period": 300}) for n in range(1000)
+        )
+        if ranked(fingerprint(candidate), ids) == [ids[1], ids[2], ids[0]]
+    )
     holder = first._cluster
     assert holder is not None
     original = holder.insert_owned(job, first._insert_unique_here, check=False)
