@@ -941,11 +941,12 @@ class Cluster:
         self, sender: str, entries: list[Any], *, keep: bool = False
     ) -> None:
         # Stores the entries that this peer owns, or all of them with `keep`.
-        # The sender may not know a member that joined lately, or that this
-        # peer is leaving. So an entry that another member owns goes on to
-        # it before the reply, because a leaving sender reports that it has
-        # handed everything over only after the reply. Each step goes to a
-        # peer that ranks higher for the entry, so an entry never loops.
+        # The sender may not know a member that joined lately, so an entry
+        # that another member owns goes on to it before the reply, because a
+        # leaving sender reports that it has handed everything over only
+        # after the reply. A leaving peer takes no entries (see _dispatch),
+        # so each step goes to a peer that ranks higher for the entry, or
+        # drops one leaving peer from the sender's candidates: no loops.
         table = self.instance._unique
         timer = self.instance.clock.monotonic
         peers = self._owners()
@@ -960,16 +961,30 @@ class Cluster:
                     error,
                 )
                 continue
-            owner = ranked(key, peers)[0] if peers else sender
-            if keep or owner in (self.peer_id, sender):
-                # The check runs again as the entry is stored, in case a
-                # peer has joined since and taken the fingerprint over. A
-                # sender that owns the entry in this peer's view is leaving
-                # without this peer having heard of it yet.
-                owns = None if keep or owner == sender else self._owns
-                if table.put(key, job, timer() + expires_in, owns):
-                    continue
-                owner = ranked(key, self._owners())[0]
+            if keep:
+                table.put(key, job, timer() + expires_in)
+                continue
+            owner = ranked(key, peers)[0] if peers else self.peer_id
+            if owner == sender:
+                # A peer that is not leaving keeps the entries that it owns,
+                # so the sender is leaving and its leave request has not
+                # arrived yet.
+                self._on_leave(sender)
+                peers = self._owners()
+                owner = ranked(key, peers)[0] if peers else self.peer_id
+            # The check runs again as the entry is stored, in case a peer has
+            # joined since and taken the fingerprint over.
+            if owner == self.peer_id and table.put(
+                key, job, timer() + expires_in, self._owns
+            ):
+                continue
+            peers = self._owners()
+            if not peers:
+                # This peer began to leave meanwhile and has no member left
+                # to take the entry, so it keeps it as the last resort.
+                table.put(key, job, timer() + expires_in)
+                continue
+            owner = ranked(key, peers)[0]
             onward.setdefault(owner, []).append({**entry, "holder": job.holder})
         for owner, group in onward.items():
             self._send_entries(owner, group)
@@ -1187,10 +1202,6 @@ class Cluster:
             return
         with self._lock:
             member = self._members.get(peer_id)
-            order = sorted(set(self._members) - failed - {peer_id})
-            if not self._leaving:
-                # Entries whose new owner has gone may belong here again.
-                order.append(self.peer_id)
         undelivered: list[dict[str, Any]] = []
         if member is not None and peer_id not in failed:
             for start in range(0, len(entries), _ENTRY_BATCH):
@@ -1201,6 +1212,11 @@ class Cluster:
                 return
         else:
             undelivered = entries
+        with self._lock:
+            order = sorted(set(self._members) - failed - {peer_id})
+            if not self._leaving:
+                # Entries whose new owner has gone may belong here again.
+                order.append(self.peer_id)
         if not order or tries == 0:
             logger.warning(
                 "%d unique entries not handed to peer %s, which left",
@@ -1251,6 +1267,10 @@ class Cluster:
                 member.peer_id,
                 error,
             )
+            return entries
+        if reply.get("error") == "leaving":
+            # Its leave request may not have arrived yet.
+            self._on_leave(member.peer_id)
             return entries
         if "error" in reply:
             logger.warning(
@@ -1347,6 +1367,11 @@ class Cluster:
         if kind == "adopt":
             return self._on_adopt(message)
         if kind == "entries":
+            with self._lock:
+                leaving = self._leaving
+            if leaving:
+                # The sender passes them to the next owner instead.
+                return {"error": "leaving"}
             self._receive_entries(peer_id, _list(message, "entries"))
             return {}
         if kind == "state":
