@@ -21,7 +21,13 @@ from stagehand._unique import fingerprint
 from tests.support import HANG_GUARD, PAUSED, Gate, Peers, wait_until
 from tests.test_cluster import members, peer_id
 from tests.test_cluster_races import new_peer
-from tests.test_cluster_seventh_review import copy_of, held_entry, job_ranked, run
+from tests.test_cluster_seventh_review import (
+    copy_of,
+    held_entry,
+    job_ranked,
+    run,
+    send_as_owner_stops,
+)
 
 
 def cluster_of(instance: stagehand.Stagehand) -> Any:
@@ -157,32 +163,7 @@ def test_leaving_peer_refuses_late_entry(
     # `sender` picks `leaving` as the owner (as it does when it sends on an
     # entry from a hand-over or a join) and is about to send the entry
     # when `leaving` begins to stop.
-    link = sending._members[peer_id(leaving)].connection
-    real_request = link.request
-    send_gate = Gate()
-
-    def held_request(message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        if message.get("type") == "entries" and not send_gate.entered.is_set():
-            send_gate.hold()
-        return real_request(message, timeout)
-
-    monkeypatch.setattr(link, "request", held_request)
-    sent = run(cleanup, lambda: sending._send_entries(peer_id(leaving), [entry]))
-    cleanup.append(send_gate.release.set)
-    assert send_gate.entered.wait(HANG_GUARD)
-
-    # `leaving` stops, and waits in its grace period as if a job still ran.
-    grace = Gate()
-    real_wait = leaving._wait_for_executing
-
-    def held_wait() -> list[stagehand.Job]:
-        grace.hold()
-        return real_wait()
-
-    monkeypatch.setattr(leaving, "_wait_for_executing", held_wait)
-    run(cleanup, leaving.stop)
-    cleanup.append(grace.release.set)
-    assert grace.entered.wait(HANG_GUARD)
+    send_gate, sent = send_as_owner_stops(cleanup, monkeypatch, sending, leaving, entry)
     assert sending._departing[peer_id(leaving)].handed.is_set()
 
     # The entry reaches `leaving` now, during its grace period.

@@ -12,7 +12,6 @@ caught.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ import stagehand
 import stagehand._cluster as cluster_module
 from stagehand._rendezvous import ranked
 from stagehand._unique import fingerprint
-from tests.support import HANG_GUARD, PAUSED, Gate, Peers, wait_until
+from tests.support import HANG_GUARD, PAUSED, Gate, Peers, run_in_thread, wait_until
 from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
 
@@ -43,19 +42,8 @@ def copy_of(job: stagehand.Job) -> stagehand.Job:
 
 
 def run(cleanup: list[Any], target: Any) -> list[Any]:
-    """Run `target()` in a thread joined at cleanup, and return a list for its result or error."""
-    outcome: list[Any] = []
-
-    def body() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    cleanup.append(lambda: thread.join(HANG_GUARD))
-    return outcome
+    """Run `target()` in a thread joined at cleanup; return the list for its outcome."""
+    return run_in_thread(cleanup, target)[1]
 
 
 def held_entry(holder: stagehand.Stagehand, job: stagehand.Job) -> dict[str, Any]:
@@ -70,6 +58,48 @@ def held_entry(holder: stagehand.Stagehand, job: stagehand.Job) -> dict[str, Any
     )
     assert entry is not None
     return entry
+
+
+def send_as_owner_stops(
+    cleanup: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    sending: Any,
+    leaving: stagehand.Stagehand,
+    entry: dict[str, Any],
+) -> tuple[Gate, list[Any]]:
+    """Start sending `entry` to `leaving`, then stop `leaving` before it arrives.
+
+    Returns the gate that holds the request, to release once `leaving` waits
+    in its grace period (as if a job still ran), and the list that gets the
+    result of the send.
+    """
+    link = sending._members[peer_id(leaving)].connection
+    real_request = link.request
+    send_gate = Gate()
+
+    def held_request(message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if message.get("type") == "entries" and not send_gate.entered.is_set():
+            send_gate.hold()
+        return real_request(message, timeout)
+
+    monkeypatch.setattr(link, "request", held_request)
+    sent = run(cleanup, lambda: sending._send_entries(peer_id(leaving), [entry]))
+    # Released before the thread is joined: cleanup runs last first.
+    cleanup.append(send_gate.release.set)
+    assert send_gate.entered.wait(HANG_GUARD)
+
+    grace = Gate()
+    real_wait = leaving._wait_for_executing
+
+    def held_wait() -> list[stagehand.Job]:
+        grace.hold()
+        return real_wait()
+
+    monkeypatch.setattr(leaving, "_wait_for_executing", held_wait)
+    run(cleanup, leaving.stop)
+    cleanup.append(grace.release.set)
+    assert grace.entered.wait(HANG_GUARD)
+    return send_gate, sent
 
 
 def test_leaving_peer_sends_late_entry_on(
@@ -94,33 +124,7 @@ def test_leaving_peer_sends_late_entry_on(
 
     # `sender` picks `leaving` as the owner (as a hand-over or a join does)
     # and is about to send the entry when `leaving` begins to stop.
-    link = sending._members[peer_id(leaving)].connection
-    real_request = link.request
-    send_gate = Gate()
-
-    def held_request(message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        if message.get("type") == "entries" and not send_gate.entered.is_set():
-            send_gate.hold()
-        return real_request(message, timeout)
-
-    monkeypatch.setattr(link, "request", held_request)
-    sent = run(cleanup, lambda: sending._send_entries(peer_id(leaving), [entry]))
-    # Released before the thread is joined: cleanup runs last first.
-    cleanup.append(send_gate.release.set)
-    assert send_gate.entered.wait(HANG_GUARD)
-
-    # `leaving` stops, and waits in its grace period as if a job still ran.
-    grace = Gate()
-    real_wait = leaving._wait_for_executing
-
-    def held_wait() -> list[stagehand.Job]:
-        grace.hold()
-        return real_wait()
-
-    monkeypatch.setattr(leaving, "_wait_for_executing", held_wait)
-    run(cleanup, leaving.stop)
-    cleanup.append(grace.release.set)
-    assert grace.entered.wait(HANG_GUARD)
+    send_gate, sent = send_as_owner_stops(cleanup, monkeypatch, sending, leaving, entry)
     successor_cluster = successor._cluster
     assert successor_cluster is not None
     departing = successor_cluster._departing[peer_id(leaving)]

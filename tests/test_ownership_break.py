@@ -25,6 +25,7 @@ from stagehand.exceptions import StagehandError
 from tests.support import HANG_GUARD, PAUSED, SECRET, Gate, Peers, wait_until
 from tests.test_cluster import WhereWorker, members, peer_id
 from tests.test_cluster_races import new_peer
+from tests.test_cluster_seventh_review import run
 
 
 def job_with_owners(
@@ -58,22 +59,6 @@ def jobs_for(key: str, *instances: stagehand.Stagehand) -> list[str]:
         for job in list(instance._live.values())
         if job.unique is not None and fingerprint(job) == key
     ]
-
-
-def run(cleanup: list[Any], target: Any) -> list[Any]:
-    """Run `target()` in a thread joined at cleanup, and return a list for its result or error."""
-    outcome: list[Any] = []
-
-    def body() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    cleanup.append(lambda: thread.join(HANG_GUARD))
-    return outcome
 
 
 def test_rerouted_insert_timeout_raises(
