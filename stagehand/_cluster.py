@@ -587,8 +587,25 @@ class Cluster:
             logger.warning("join request to peer %s failed: %s", member.peer_id, error)
             self._drop(member)
             return
+        if reply.get("error") == "leaving":
+            # It stops, and may still run jobs of a unique entry that this
+            # peer owns. Kept as leaving until it closes, the connection
+            # still reports their state, and the address is not joined again
+            # meanwhile. It will not send this peer a hand-over to wait for.
+            logger.info("peer %s declined the join: it is leaving", member.peer_id)
+            with self._lock:
+                declined = self._members.get(member.peer_id) is member
+                if declined:
+                    del self._members[member.peer_id]
+                    departing = _Departing(member, time.monotonic())
+                    departing.handed.set()
+                    self._departing[member.peer_id] = departing
+            if declined:
+                self._emit_peer("peer.leave", member.peer_id)
+                self._update_leader()
+            return
         if "error" in reply:
-            # The peer is leaving, or failed to handle the join.
+            # The peer failed to handle the join.
             logger.info("peer %s declined the join: %s", member.peer_id, reply["error"])
             self._drop(member)
             return
@@ -965,10 +982,11 @@ class Cluster:
                 table.put(key, job, timer() + expires_in)
                 continue
             owner = ranked(key, peers)[0] if peers else self.peer_id
-            if owner == sender:
+            if owner == sender and self.peer_id in peers:
                 # A peer that is not leaving keeps the entries that it owns,
                 # so the sender is leaving and its leave request has not
-                # arrived yet.
+                # arrived yet. (If this peer has begun to leave meanwhile,
+                # the entry goes back to the sender below.)
                 self._on_leave(sender)
                 peers = self._owners()
                 owner = ranked(key, peers)[0] if peers else self.peer_id
