@@ -65,7 +65,7 @@ _THREAD_PREFIX = "stagehand-channel"
 _JOIN_TIMEOUT = 5.0
 # Threads per server for the requests that `concurrent` selects. Starting a
 # thread for each request costs about 90 µs, a third of a routed insert's
-# round trip; past this many busy threads, requests wait for a free one.
+# round trip. Past this many busy threads, requests wait for a free one.
 _REQUEST_THREADS = 16
 
 Message = dict[str, Any]

@@ -92,7 +92,7 @@ class UniqueTable:
     ) -> Job | None:
         """Do what `insert` does if `owns` accepts the job's fingerprint.
 
-        In a cluster, `owns` tells whether this peer still owns the
+        In a cluster, `owns` returns whether this peer still owns the
         fingerprint. It runs under the lock that `take` holds too, so an
         entry stored here cannot miss a move of its fingerprint to a peer
         that has just joined.
