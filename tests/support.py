@@ -263,5 +263,13 @@ class Peers:
         return instance
 
     def stop_all(self) -> None:
+        # Stops every peer even if one stop() raises, so that no peer keeps
+        # running into later tests, then raises the first error.
+        errors: list[BaseException] = []
         for instance in reversed(self.started):
-            instance.stop()
+            try:
+                instance.stop()
+            except Exception as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
