@@ -49,6 +49,7 @@ from stagehand._channel import (
 )
 from stagehand._job import Job, JobState
 from stagehand._leadership import Leadership
+from stagehand._rendezvous import owner as rendezvous_owner
 from stagehand._rendezvous import ranked
 from stagehand._unique import RemoteEntry, fingerprint
 from stagehand._wire import job_from_wire, job_to_wire
@@ -886,7 +887,7 @@ class Cluster:
     def _owns(self, key: str) -> bool:
         # Whether this peer owns fingerprint `key` among the members now.
         peers = self._owners()
-        return bool(peers) and ranked(key, peers)[0] == self.peer_id
+        return bool(peers) and rendezvous_owner(key, peers) == self.peer_id
 
     def _owners(self) -> list[str]:
         # The peers that own fingerprints now: the members, and this peer
@@ -981,7 +982,7 @@ class Cluster:
             if keep:
                 table.put(key, job, timer() + expires_in)
                 continue
-            owner = ranked(key, peers)[0] if peers else self.peer_id
+            owner = rendezvous_owner(key, peers) if peers else self.peer_id
             if owner == sender and self.peer_id in peers:
                 # A peer that is not leaving keeps the entries that it owns,
                 # so the sender is leaving and its leave request has not
@@ -989,7 +990,7 @@ class Cluster:
                 # the entry goes back to the sender below.)
                 self._on_leave(sender)
                 peers = self._owners()
-                owner = ranked(key, peers)[0] if peers else self.peer_id
+                owner = rendezvous_owner(key, peers) if peers else self.peer_id
             # The check runs again as the entry is stored, in case a peer has
             # joined since and taken the fingerprint over.
             if owner == self.peer_id and table.put(
@@ -1002,7 +1003,7 @@ class Cluster:
                 # to take the entry, so it keeps it as the last resort.
                 table.put(key, job, timer() + expires_in)
                 continue
-            owner = ranked(key, peers)[0]
+            owner = rendezvous_owner(key, peers)
             onward.setdefault(owner, []).append({**entry, "holder": job.holder})
         for owner, group in onward.items():
             self._send_entries(owner, group)
