@@ -874,12 +874,12 @@ def test_concurrent_requests_share_bounded_threads(cleanup: list[Any]) -> None:
     gate = threading.Event()
     lock = threading.Lock()
     running = [0]
-    most = [0]
+    peak = [0]
 
     def handler(peer_id: str, message: dict[str, Any]) -> dict[str, Any]:
         with lock:
             running[0] += 1
-            most[0] = max(most[0], running[0])
+            peak[0] = max(peak[0], running[0])
         gate.wait(WAIT)
         with lock:
             running[0] -= 1
@@ -903,5 +903,5 @@ def test_concurrent_requests_share_bounded_threads(cleanup: list[Any]) -> None:
         sender.join(WAIT)
 
     assert sorted(reply["n"] for reply in replies) == list(range(20))
-    assert most[0] == 16
+    assert peak[0] == 16
     assert len(server._request_threads) == 16

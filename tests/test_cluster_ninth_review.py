@@ -2,7 +2,7 @@
 
 Covers two paths. A peer that begins to stop while it stores entries must
 not count their sender as leaving (`Cluster._receive_entries`), or it
-hands its jobs to nobody. A peer that joins a peer in its grace period is
+hands its jobs to no peer. A peer that joins a peer in its grace period is
 declined, and must count that peer as leaving rather than lost
 (`Cluster._join_one`, `Cluster._lost`), or it tries to join it again and
 again. Each test sets the order of events with hooks, as

@@ -1,10 +1,11 @@
 """Unique checks in a cluster while the owner of a fingerprint changes.
 
 Each test uses a hook or a flag to set up the moment a membership change
-reaches a peer that is about to check a duplicate. A peer joins between
-the choice of the owner and the check; the owner has begun to leave before
-its leave request arrives; or a peer hands an entry to a peer that no
-longer owns it. In each case the duplicate must be caught.
+reaches a peer that is about to check a duplicate. In one, a peer joins
+between the choice of the owner and the check. In another, the owner has
+begun to leave before its leave request arrives. In a third, a peer hands
+an entry to a peer that no longer owns it. In each case the duplicate must
+be caught.
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ def test_entry_owned_by_sender_stays(peers: Peers) -> None:
     # `first` keeps the entry rather than send it back.
     original = send_entry(second, first, job)
 
-    kept: Any = first._unique.peek(fingerprint(job))
-    assert isinstance(kept, RemoteEntry)
-    assert kept.id == original.id
+    stored: Any = first._unique.peek(fingerprint(job))
+    assert isinstance(stored, RemoteEntry)
+    assert stored.id == original.id
 
 
 def test_entry_that_came_back_leaves_with_final_state(peers: Peers) -> None:
@@ -211,7 +212,7 @@ def test_entry_that_came_back_leaves_with_final_state(peers: Peers) -> None:
     with watching() as watcher:
         first.resume_queue("default")
         watcher.wait_final(original)
-    fourth.start()  # a join, which forgets that the job had moved
+    fourth.start()  # a join, which drops the record that the job had moved
     first.stop()
 
     duplicate = second.insert(WhereWorker.new(job.args, unique=blocks_completed))
